@@ -1,0 +1,284 @@
+// Fused log-spectrogram on the CPU: waveform -> windowed frames -> FFT -> kept bins ->
+// magnitude/log/normalisation, in one pass over blocks of frames.
+//
+// Why blocks: the torch.stft chain materialises the full complex spectrum (513 bins x
+// frames) and then makes one memory pass per elementwise op; at these sizes that
+// memory traffic, not the FFT, is the cost. Here each thread windows a small block of
+// frames into a private buffer, runs the FFT on it (ATen's FFT: MKL or pocketfft), and
+// writes only the final values of the kept bins. Nothing spectrum-sized outlives a block.
+//
+// Backward recomputes the block's FFT from the waveform (only the waveform is saved),
+// maps dL/dy to dL/dX with the shared per-bin math, and applies the adjoint of the
+// windowed real DFT (a scaled inverse real FFT) before overlap-adding into dL/dwave.
+// Threads own disjoint ranges of output samples, so the overlap-add needs no atomics
+// and is deterministic; frames straddling two ranges are recomputed by both.
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <c10/util/complex.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <atomic>
+#include <cmath>
+#include <limits>
+
+#include "vcfast/spectrogram_math.h"
+#include "spectrogram_cpu.h"
+
+namespace vcfast {
+namespace {
+
+constexpr int64_t kFramesPerBlock = 32;
+
+template <typename T>
+LogSpecParams<T> make_params(double magnitude_scale, double power, double log_offset,
+                             double log_floor, double clip_lo, double clip_hi) {
+  return LogSpecParams<T>{T(magnitude_scale), T(power), T(log_offset),
+                          T(log_floor),       T(clip_lo), T(clip_hi)};
+}
+
+// Copies frames [f0, f0 + count) of one waveform into `frames` (row-major, n_fft wide),
+// multiplied by the window.
+template <typename T>
+void window_frames(const T* wave_row, const T* window, int64_t f0, int64_t count, int64_t n_fft,
+                   int64_t hop, T* frames) {
+  for (int64_t j = 0; j < count; ++j) {
+    const T* src = wave_row + (f0 + j) * hop;
+    T* dst = frames + j * n_fft;
+    for (int64_t n = 0; n < n_fft; ++n) {
+      dst[n] = src[n] * window[n];
+    }
+  }
+}
+
+}  // namespace
+
+void check_spectrogram_args(const at::Tensor& wave, const at::Tensor& window,
+                            const at::Tensor& shift, const at::Tensor& scale, int64_t n_fft,
+                            int64_t hop, int64_t bin_lo, int64_t bin_hi) {
+  // The Python wrapper validates with friendlier messages; these checks keep the op safe
+  // when called directly through torch.ops.vcfast.
+  TORCH_CHECK_VALUE(wave.dim() == 2, "vcfast::log_spectrogram: wave must be 2-D [batch, samples], got ",
+                    wave.dim(), "-D");
+  TORCH_CHECK_TYPE(wave.scalar_type() == at::kFloat || wave.scalar_type() == at::kDouble,
+                   "vcfast::log_spectrogram: wave must be float32 or float64, got ",
+                   wave.scalar_type());
+  TORCH_CHECK_VALUE(n_fft >= 2, "vcfast::log_spectrogram: n_fft must be >= 2, got ", n_fft);
+  TORCH_CHECK_VALUE(hop >= 1, "vcfast::log_spectrogram: hop must be >= 1, got ", hop);
+  TORCH_CHECK_VALUE(wave.size(1) >= n_fft, "vcfast::log_spectrogram: wave has ", wave.size(1),
+                    " samples, fewer than one frame of n_fft=", n_fft);
+  const int64_t n_rfft = n_fft / 2 + 1;
+  TORCH_CHECK_VALUE(0 <= bin_lo && bin_lo < bin_hi && bin_hi <= n_rfft,
+                    "vcfast::log_spectrogram: need 0 <= bin_lo < bin_hi <= n_fft//2+1=", n_rfft,
+                    ", got bin_lo=", bin_lo, " bin_hi=", bin_hi);
+  TORCH_CHECK_VALUE(window.dim() == 1 && window.size(0) == n_fft,
+                    "vcfast::log_spectrogram: window must have shape [n_fft]=[", n_fft, "], got ",
+                    window.sizes());
+  TORCH_CHECK_VALUE(shift.dim() == 1 && shift.size(0) == bin_hi - bin_lo,
+                    "vcfast::log_spectrogram: shift must have shape [n_bins]=[", bin_hi - bin_lo,
+                    "], got ", shift.sizes());
+  TORCH_CHECK_VALUE(scale.dim() == 1 && scale.size(0) == bin_hi - bin_lo,
+                    "vcfast::log_spectrogram: scale must have shape [n_bins]=[", bin_hi - bin_lo,
+                    "], got ", scale.sizes());
+  for (const at::Tensor* t : {&window, &shift, &scale}) {
+    TORCH_CHECK_TYPE(t->scalar_type() == wave.scalar_type(),
+                     "vcfast::log_spectrogram: window/shift/scale must match wave's dtype ",
+                     wave.scalar_type(), ", got ", t->scalar_type());
+    TORCH_CHECK_VALUE(t->device() == wave.device(),
+                      "vcfast::log_spectrogram: window/shift/scale must be on wave's device");
+  }
+}
+
+at::Tensor log_spectrogram_cpu(const at::Tensor& wave_in, const at::Tensor& window_in,
+                               const at::Tensor& shift_in, const at::Tensor& scale_in,
+                               int64_t n_fft, int64_t hop, int64_t bin_lo, int64_t bin_hi,
+                               double magnitude_scale, double power, double log_offset,
+                               double log_floor, double clip_lo, double clip_hi,
+                               bool check_finite) {
+  check_spectrogram_args(wave_in, window_in, shift_in, scale_in, n_fft, hop, bin_lo, bin_hi);
+  const at::Tensor wave = wave_in.contiguous();
+  const at::Tensor window = window_in.contiguous();
+  const at::Tensor shift = shift_in.contiguous();
+  const at::Tensor scale = scale_in.contiguous();
+  const int64_t batch = wave.size(0);
+  const int64_t samples = wave.size(1);
+  const int64_t n_frames = (samples - n_fft) / hop + 1;
+  const int64_t n_bins = bin_hi - bin_lo;
+  const int64_t n_rfft = n_fft / 2 + 1;
+  at::Tensor out = at::empty({batch, n_bins, n_frames}, wave.options());
+  if (batch == 0) return out;
+
+  const int64_t blocks_per_row = (n_frames + kFramesPerBlock - 1) / kFramesPerBlock;
+  std::atomic<bool> all_finite{true};
+
+  AT_DISPATCH_FLOATING_TYPES(wave.scalar_type(), "vcfast_log_spectrogram_cpu", [&] {
+    using T = scalar_t;
+    const auto params =
+        make_params<T>(magnitude_scale, power, log_offset, log_floor, clip_lo, clip_hi);
+    const T* wave_ptr = wave.data_ptr<T>();
+    const T* window_ptr = window.data_ptr<T>();
+    const T* shift_ptr = shift.data_ptr<T>();
+    const T* scale_ptr = scale.data_ptr<T>();
+    T* out_ptr = out.data_ptr<T>();
+
+    at::parallel_for(0, batch * blocks_per_row, 1, [&](int64_t task_begin, int64_t task_end) {
+      at::Tensor frames = at::empty({kFramesPerBlock, n_fft}, wave.options());
+      at::Tensor prelog = at::empty({n_bins * kFramesPerBlock}, wave.options());
+      for (int64_t task = task_begin; task < task_end; ++task) {
+        const int64_t b = task / blocks_per_row;
+        const int64_t f0 = (task % blocks_per_row) * kFramesPerBlock;
+        const int64_t count = std::min(kFramesPerBlock, n_frames - f0);
+        const T* wave_row = wave_ptr + b * samples;
+        window_frames(wave_row, window_ptr, f0, count, n_fft, hop, frames.data_ptr<T>());
+        const at::Tensor spectrum = at::fft_rfft(frames.narrow(0, 0, count), n_fft, -1);
+        const c10::complex<T>* spec = spectrum.data_ptr<c10::complex<T>>();
+        // [count, n_bins], the spectrum's own order, so this loop streams and vectorises;
+        // the transpose to [bin, frame] happens in the final, cheapest pass.
+        T* pre = prelog.data_ptr<T>();
+        // A NaN or Inf sample makes every bin of its frame non-finite (Inf * twiddle and
+        // 0 * Inf are NaN), so checking the kept bins checks the input without another pass.
+        bool block_finite = true;
+        const T largest = std::numeric_limits<T>::max();
+        for (int64_t j = 0; j < count; ++j) {
+          const c10::complex<T>* src = spec + j * n_rfft + bin_lo;
+          T* dst = pre + j * n_bins;
+          for (int64_t k = 0; k < n_bins; ++k) {
+            const T v = logspec_prelog<T>(src[k].real(), src[k].imag(), params);
+            block_finite &= v <= largest;  // false for NaN and +Inf
+            dst[k] = v;
+          }
+        }
+        if (!block_finite) all_finite.store(false, std::memory_order_relaxed);
+        // The log dominates the epilogue; ATen's vectorised log is several times faster
+        // than a scalar loop.
+        prelog.narrow(0, 0, n_bins * count).log_();
+        T* out_row = out_ptr + b * n_bins * n_frames;
+        for (int64_t k = 0; k < n_bins; ++k) {
+          const T sh = shift_ptr[k];
+          const T sc = scale_ptr[k];
+          T* dst = out_row + k * n_frames + f0;
+          const T* src = pre + k;
+          for (int64_t j = 0; j < count; ++j) {
+            dst[j] = logspec_postlog<T>(src[j * n_bins], params, sh, sc);
+          }
+        }
+      }
+    });
+  });
+  TORCH_CHECK_VALUE(!check_finite || all_finite.load(),
+                    "vcfast.log_spectrogram: wave contains NaN or Inf (nan_policy='raise'); "
+                    "clean the audio or pass nan_policy='propagate'");
+  return out;
+}
+
+at::Tensor log_spectrogram_backward_cpu(const at::Tensor& grad_in, const at::Tensor& wave_in,
+                                        const at::Tensor& window_in, const at::Tensor& shift_in,
+                                        const at::Tensor& scale_in, int64_t n_fft, int64_t hop,
+                                        int64_t bin_lo, int64_t bin_hi, double magnitude_scale,
+                                        double power, double log_offset, double log_floor,
+                                        double clip_lo, double clip_hi) {
+  check_spectrogram_args(wave_in, window_in, shift_in, scale_in, n_fft, hop, bin_lo, bin_hi);
+  const at::Tensor wave = wave_in.contiguous();
+  const at::Tensor window = window_in.contiguous();
+  const at::Tensor shift = shift_in.contiguous();
+  const at::Tensor scale = scale_in.contiguous();
+  const int64_t batch = wave.size(0);
+  const int64_t samples = wave.size(1);
+  const int64_t n_frames = (samples - n_fft) / hop + 1;
+  const int64_t n_bins = bin_hi - bin_lo;
+  const int64_t n_rfft = n_fft / 2 + 1;
+  TORCH_CHECK_VALUE(grad_in.sizes() == at::IntArrayRef({batch, n_bins, n_frames}),
+                    "vcfast::log_spectrogram_backward: grad must have shape [", batch, ", ", n_bins,
+                    ", ", n_frames, "], got ", grad_in.sizes());
+  const at::Tensor grad = grad_in.to(wave.scalar_type()).contiguous();
+  at::Tensor grad_wave = at::zeros_like(wave);
+  if (batch == 0) return grad_wave;
+
+  // Output samples are split into ranges of kFramesPerBlock hops; the last range also
+  // owns the tail after the last hop boundary. Frames overlapping a range are those
+  // with f*hop < range_end and f*hop + n_fft > range_begin.
+  const int64_t ranges_per_row = (n_frames + kFramesPerBlock - 1) / kFramesPerBlock;
+  const int64_t max_frames_per_range = kFramesPerBlock + (n_fft + hop - 1) / hop;
+
+  AT_DISPATCH_FLOATING_TYPES(wave.scalar_type(), "vcfast_log_spectrogram_backward_cpu", [&] {
+    using T = scalar_t;
+    using C = c10::complex<T>;
+    const auto params =
+        make_params<T>(magnitude_scale, power, log_offset, log_floor, clip_lo, clip_hi);
+    const T* wave_ptr = wave.data_ptr<T>();
+    const T* window_ptr = window.data_ptr<T>();
+    const T* shift_ptr = shift.data_ptr<T>();
+    const T* scale_ptr = scale.data_ptr<T>();
+    const T* grad_ptr = grad.data_ptr<T>();
+    T* grad_wave_ptr = grad_wave.data_ptr<T>();
+    const T interior_factor = T(n_fft) / T(2);
+    const bool has_nyquist = n_fft % 2 == 0;
+
+    at::parallel_for(0, batch * ranges_per_row, 1, [&](int64_t task_begin, int64_t task_end) {
+      at::Tensor frames = at::empty({max_frames_per_range, n_fft}, wave.options());
+      at::Tensor spec_grad = at::empty({max_frames_per_range, n_rfft},
+                                       frames.options().dtype(c10::toComplexType(wave.scalar_type())));
+      at::Tensor grad_block = at::empty({max_frames_per_range * n_bins}, wave.options());
+      for (int64_t task = task_begin; task < task_end; ++task) {
+        const int64_t b = task / ranges_per_row;
+        const int64_t range_index = task % ranges_per_row;
+        const int64_t range_begin = range_index * kFramesPerBlock * hop;
+        const int64_t range_end = range_index == ranges_per_row - 1
+                                      ? samples
+                                      : (range_index + 1) * kFramesPerBlock * hop;
+        // First frame that reaches into the range: f*hop + n_fft > range_begin.
+        const int64_t f_first = range_begin < n_fft ? 0 : (range_begin - n_fft) / hop + 1;
+        const int64_t f_last = std::min(n_frames - 1, (range_end - 1) / hop);
+        if (f_last < f_first) continue;
+        const int64_t count = f_last - f_first + 1;
+        const T* wave_row = wave_ptr + b * samples;
+        window_frames(wave_row, window_ptr, f_first, count, n_fft, hop, frames.data_ptr<T>());
+        const at::Tensor spectrum = at::fft_rfft(frames.narrow(0, 0, count), n_fft, -1);
+        const C* spec = spectrum.data_ptr<C>();
+        C* sg = spec_grad.data_ptr<C>();
+        std::fill(sg, sg + count * n_rfft, C(0, 0));
+        // Transpose this block's dL/dy to [count, n_bins] so the per-bin loop below reads
+        // and writes only contiguous memory and vectorises.
+        const T* grad_row = grad_ptr + b * n_bins * n_frames + f_first;
+        T* gy = grad_block.data_ptr<T>();
+        for (int64_t k = 0; k < n_bins; ++k) {
+          for (int64_t j = 0; j < count; ++j) {
+            gy[j * n_bins + k] = grad_row[k * n_frames + j];
+          }
+        }
+        for (int64_t j = 0; j < count; ++j) {
+          const T* x = reinterpret_cast<const T*>(spec + j * n_rfft + bin_lo);
+          T* g = reinterpret_cast<T*>(sg + j * n_rfft + bin_lo);
+          const T* gy_row = gy + j * n_bins;
+          for (int64_t k = 0; k < n_bins; ++k) {
+            logspec_backward<T>(x[2 * k], x[2 * k + 1], gy_row[k], params, shift_ptr[k],
+                                scale_ptr[k], &g[2 * k], &g[2 * k + 1]);
+          }
+        }
+        // irfft(G')[n] equals the DFT adjoint sum_k (Gr_k cos - Gi_k sin) when G'_k = G_k * N/2,
+        // except at DC (and Nyquist for even N), which irfft counts once rather than twice.
+        spec_grad.narrow(0, 0, count).mul_(interior_factor);
+        if (bin_lo == 0) spec_grad.select(1, 0).narrow(0, 0, count).mul_(T(2));
+        if (has_nyquist && bin_hi == n_rfft) {
+          spec_grad.select(1, n_rfft - 1).narrow(0, 0, count).mul_(T(2));
+        }
+        const at::Tensor frame_grad = at::fft_irfft(spec_grad.narrow(0, 0, count), n_fft, -1);
+        const T* fg = frame_grad.data_ptr<T>();
+        T* gw_row = grad_wave_ptr + b * samples;
+        for (int64_t j = 0; j < count; ++j) {
+          const int64_t start = (f_first + j) * hop;
+          const int64_t n_begin = std::max<int64_t>(0, range_begin - start);
+          const int64_t n_end = std::min<int64_t>(n_fft, range_end - start);
+          const T* src = fg + j * n_fft;
+          T* dst = gw_row + start;
+          for (int64_t n = n_begin; n < n_end; ++n) {
+            dst[n] += src[n] * window_ptr[n];
+          }
+        }
+      }
+    });
+  });
+  return grad_wave;
+}
+
+}  // namespace vcfast

@@ -1,0 +1,31 @@
+"""vcfast: fused Triton and C++/CUDA kernels for StarGAN voice conversion on spectrograms.
+
+Functional API (``vcfast.log_spectrogram``, ...) and modules (``vcfast.nn``) work with or
+without the compiled extension; ``vcfast.backends()`` says which kernels can run here.
+"""
+
+from vcfast import data, nn
+from vcfast._extension import backends, build_info
+from vcfast.ops.inverse import spectrogram_to_wave
+from vcfast.ops.spectrogram import (
+    PRESETS,
+    SpectrogramConfig,
+    log_spectrogram,
+    measure_bin_stats,
+    resolve_config,
+)
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "PRESETS",
+    "SpectrogramConfig",
+    "backends",
+    "build_info",
+    "log_spectrogram",
+    "measure_bin_stats",
+    "data",
+    "nn",
+    "resolve_config",
+    "spectrogram_to_wave",
+]

@@ -1,0 +1,29 @@
+"""Data pipeline: audio I/O, SPEC §2 cropping, synthetic test audio."""
+
+from .audio import (
+    CROP_SAMPLES,
+    MAX_CROP_RMS,
+    SAMPLE_RATE,
+    AudioReadError,
+    NoUsableCropError,
+    load_audio,
+    load_crop,
+    peak_normalize,
+    random_crop,
+    save_audio,
+)
+from .synth import synthetic_speech
+
+__all__ = [
+    "SAMPLE_RATE",
+    "CROP_SAMPLES",
+    "MAX_CROP_RMS",
+    "AudioReadError",
+    "NoUsableCropError",
+    "load_audio",
+    "peak_normalize",
+    "random_crop",
+    "load_crop",
+    "save_audio",
+    "synthetic_speech",
+]
