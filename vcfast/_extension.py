@@ -6,8 +6,8 @@ build was skipped or failed): the reference and Triton backends need only PyTorc
 
 from __future__ import annotations
 
-import functools
 import importlib
+import importlib.util
 import os
 import warnings
 
@@ -37,14 +37,13 @@ def extension_has_cuda() -> bool:
     )
 
 
-@functools.cache
+# Checked once at import: a plain bool is also what torch.compile can trace without a cache.
+_TRITON_AVAILABLE = importlib.util.find_spec("triton") is not None
+
+
 def triton_available() -> bool:
-    """True when the triton package imports (GPU launch or TRITON_INTERPRET=1 on CPU)."""
-    try:
-        import triton  # noqa: F401
-    except ImportError:
-        return False
-    return True
+    """True when the triton package is installed (GPU launch or TRITON_INTERPRET=1 on CPU)."""
+    return _TRITON_AVAILABLE
 
 
 def triton_interpret() -> bool:

@@ -137,18 +137,21 @@ at::Tensor log_spectrogram_cpu(const at::Tensor& wave_in, const at::Tensor& wind
         T* pre = prelog.data_ptr<T>();
         // A NaN or Inf sample makes every bin of its frame non-finite (Inf * twiddle and
         // 0 * Inf are NaN), so checking the kept bins checks the input without another pass.
-        bool block_finite = true;
+        int nonfinite = 0;  // an int OR-reduction vectorises; a bool one does not
         const T largest = std::numeric_limits<T>::max();
-        for (int64_t j = 0; j < count; ++j) {
-          const c10::complex<T>* src = spec + j * n_rfft + bin_lo;
-          T* dst = pre + j * n_bins;
-          for (int64_t k = 0; k < n_bins; ++k) {
-            const T v = logspec_prelog<T>(src[k].real(), src[k].imag(), params);
-            block_finite &= v <= largest;  // false for NaN and +Inf
-            dst[k] = v;
+        logspec_dispatch(params, [&](auto power_c, auto /*clipped*/) {
+          constexpr int kPower = decltype(power_c)::value;
+          for (int64_t j = 0; j < count; ++j) {
+            const T* __restrict__ src = reinterpret_cast<const T*>(spec + j * n_rfft + bin_lo);
+            T* __restrict__ dst = pre + j * n_bins;
+            for (int64_t k = 0; k < n_bins; ++k) {
+              const T v = logspec_prelog<kPower>(src[2 * k], src[2 * k + 1], params);
+              nonfinite |= !(v <= largest);  // true for NaN and +Inf
+              dst[k] = v;
+            }
           }
-        }
-        if (!block_finite) all_finite.store(false, std::memory_order_relaxed);
+        });
+        if (nonfinite) all_finite.store(false, std::memory_order_relaxed);
         // The log dominates the epilogue; ATen's vectorised log is several times faster
         // than a scalar loop.
         prelog.narrow(0, 0, n_bins * count).log_();
@@ -236,7 +239,10 @@ at::Tensor log_spectrogram_backward_cpu(const at::Tensor& grad_in, const at::Ten
         const at::Tensor spectrum = at::fft_rfft(frames.narrow(0, 0, count), n_fft, -1);
         const C* spec = spectrum.data_ptr<C>();
         C* sg = spec_grad.data_ptr<C>();
-        std::fill(sg, sg + count * n_rfft, C(0, 0));
+        for (int64_t j = 0; j < count; ++j) {  // bins outside the kept range get no gradient
+          std::fill(sg + j * n_rfft, sg + j * n_rfft + bin_lo, C(0, 0));
+          std::fill(sg + j * n_rfft + bin_hi, sg + (j + 1) * n_rfft, C(0, 0));
+        }
         // Transpose this block's dL/dy to [count, n_bins] so the per-bin loop below reads
         // and writes only contiguous memory and vectorises.
         const T* grad_row = grad_ptr + b * n_bins * n_frames + f_first;
@@ -246,18 +252,25 @@ at::Tensor log_spectrogram_backward_cpu(const at::Tensor& grad_in, const at::Ten
             gy[j * n_bins + k] = grad_row[k * n_frames + j];
           }
         }
-        for (int64_t j = 0; j < count; ++j) {
-          const T* x = reinterpret_cast<const T*>(spec + j * n_rfft + bin_lo);
-          T* g = reinterpret_cast<T*>(sg + j * n_rfft + bin_lo);
-          const T* gy_row = gy + j * n_bins;
-          for (int64_t k = 0; k < n_bins; ++k) {
-            logspec_backward<T>(x[2 * k], x[2 * k + 1], gy_row[k], params, shift_ptr[k],
-                                scale_ptr[k], &g[2 * k], &g[2 * k + 1]);
+        logspec_dispatch(params, [&](auto power_c, auto clipped_c) {
+          constexpr int kPower = decltype(power_c)::value;
+          constexpr bool kClipped = decltype(clipped_c)::value;
+          for (int64_t j = 0; j < count; ++j) {
+            const T* x = reinterpret_cast<const T*>(spec + j * n_rfft + bin_lo);
+            T* g = reinterpret_cast<T*>(sg + j * n_rfft + bin_lo);
+            const T* gy_row = gy + j * n_bins;
+            for (int64_t k = 0; k < n_bins; ++k) {
+              T gr, gi;
+              logspec_backward_impl<kPower, kClipped>(x[2 * k], x[2 * k + 1], gy_row[k], params,
+                                                      shift_ptr[k], scale_ptr[k], &gr, &gi);
+              g[2 * k] = gr * interior_factor;
+              g[2 * k + 1] = gi * interior_factor;
+            }
           }
-        }
-        // irfft(G')[n] equals the DFT adjoint sum_k (Gr_k cos - Gi_k sin) when G'_k = G_k * N/2,
-        // except at DC (and Nyquist for even N), which irfft counts once rather than twice.
-        spec_grad.narrow(0, 0, count).mul_(interior_factor);
+        });
+        // irfft(G')[n] equals the DFT adjoint sum_k (Gr_k cos - Gi_k sin) when G'_k = G_k * N/2
+        // (applied above), except at DC (and Nyquist for even N), which irfft counts once
+        // rather than twice.
         if (bin_lo == 0) spec_grad.select(1, 0).narrow(0, 0, count).mul_(T(2));
         if (has_nyquist && bin_hi == n_rfft) {
           spec_grad.select(1, n_rfft - 1).narrow(0, 0, count).mul_(T(2));

@@ -15,6 +15,7 @@
 #pragma once
 
 #include <cmath>
+#include <type_traits>
 
 #if defined(__CUDACC__) || defined(__HIPCC__)
 #define VCFAST_HD __host__ __device__ __forceinline__
@@ -34,20 +35,49 @@ struct LogSpecParams {
   T clip_hi;          // final clamp; +inf disables
 };
 
-template <typename T>
+// Exponent of the magnitude, known at compile time for the common cases so the CPU loops
+// over bins contain no branches and vectorise. kPowerAny uses pow() with the runtime value.
+enum LogSpecPower : int { kPowerAny = 0, kPowerOne = 1, kPowerTwo = 2 };
+
+template <int kPower, typename T>
 VCFAST_HD T logspec_power(T m, T power) {
-  // pow(m, 1) and pow(m, 2) are the common cases; avoid the transcendental there.
-  if (power == T(1)) return m;
-  if (power == T(2)) return m * m;
-  return pow(m, power);
+  if constexpr (kPower == kPowerOne) {
+    return m;
+  } else if constexpr (kPower == kPowerTwo) {
+    return m * m;
+  } else {
+    return pow(m, power);
+  }
+}
+
+// d(m^power)/dm
+template <int kPower, typename T>
+VCFAST_HD T logspec_power_grad(T m, T power) {
+  if constexpr (kPower == kPowerOne) {
+    return T(1);
+  } else if constexpr (kPower == kPowerTwo) {
+    return T(2) * m;
+  } else {
+    return power * pow(m, power - T(1));
+  }
+}
+
+template <typename T>
+VCFAST_HD int logspec_power_kind(const LogSpecParams<T>& p) {
+  return p.power == T(1) ? kPowerOne : (p.power == T(2) ? kPowerTwo : kPowerAny);
+}
+
+template <typename T>
+VCFAST_HD bool logspec_is_clipped(const LogSpecParams<T>& p) {
+  return !(p.clip_lo == T(-INFINITY) && p.clip_hi == T(INFINITY));
 }
 
 // The forward is split around the logarithm so the CPU kernel can run the log itself
 // vectorised over a block (ATen's SIMD log) while still using these exact formulas.
-template <typename T>
+template <int kPower, typename T>
 VCFAST_HD T logspec_prelog(T re, T im, const LogSpecParams<T>& p) {
   const T m = sqrt(re * re + im * im) / p.magnitude_scale;
-  const T u = logspec_power(m, p.power) + p.log_offset;
+  const T u = logspec_power<kPower>(m, p.power) + p.log_offset;
   // Written so a NaN u stays NaN (the comparison is false), matching torch.clamp_min.
   return u < p.log_floor ? p.log_floor : u;
 }
@@ -63,39 +93,73 @@ VCFAST_HD T logspec_postlog(T log_v, const LogSpecParams<T>& p, T shift, T scale
 
 template <typename T>
 VCFAST_HD T logspec_forward(T re, T im, const LogSpecParams<T>& p, T shift, T scale) {
-  return logspec_postlog(log(logspec_prelog(re, im, p)), p, shift, scale);
+  T v;
+  switch (logspec_power_kind(p)) {
+    case kPowerOne: v = logspec_prelog<kPowerOne>(re, im, p); break;
+    case kPowerTwo: v = logspec_prelog<kPowerTwo>(re, im, p); break;
+    default: v = logspec_prelog<kPowerAny>(re, im, p); break;
+  }
+  return logspec_postlog(log(v), p, shift, scale);
 }
 
-template <typename T>
-VCFAST_HD T logspec_power_grad(T m, T power) {
-  if (power == T(1)) return T(1);
-  if (power == T(2)) return T(2) * m;
-  return power * pow(m, power - T(1));
-}
-
-// Branch-free apart from loop-invariant tests on the parameters, so a CPU loop over bins
-// vectorises; every path computes the same values a branchy version would.
-template <typename T>
-VCFAST_HD void logspec_backward(T re, T im, T grad_y, const LogSpecParams<T>& p, T shift, T scale,
-                                T* grad_re, T* grad_im) {
+// Branch-free for fixed (kPower, kClipped), so a CPU loop over bins vectorises.
+template <int kPower, bool kClipped, typename T>
+VCFAST_HD void logspec_backward_impl(T re, T im, T grad_y, const LogSpecParams<T>& p, T shift,
+                                     T scale, T* grad_re, T* grad_im) {
   const T abs_x = sqrt(re * re + im * im);
   const T m = abs_x / p.magnitude_scale;
-  const T u = logspec_power(m, p.power) + p.log_offset;
+  const T u = logspec_power<kPower>(m, p.power) + p.log_offset;
   const bool floor_passes = u >= p.log_floor;
   const T v = floor_passes ? u : p.log_floor;
-  // The log is only needed to test the clip bounds; skip it when there are none.
-  const bool unclipped = p.clip_lo == T(-INFINITY) && p.clip_hi == T(INFINITY);
   bool clip_passes = true;
-  if (!unclipped) {
+  if constexpr (kClipped) {  // the log is only needed to test the clip bounds
     const T z = (log(v) - shift) * scale;
     clip_passes = z >= p.clip_lo && z <= p.clip_hi;
   }
-  // d y / d|X| = scale / v * power * m^(power-1) / magnitude_scale; d|X|/d(re, im) = (re, im)/|X|
-  const T g_abs = grad_y * scale / v * logspec_power_grad(m, p.power) / p.magnitude_scale;
+  // dy/d|X| = scale / v * power * m^(power-1) / magnitude_scale and d|X|/d(re, im) = (re, im)/|X|,
+  // folded into one division (divisions, not the FFT, bound the CPU backward).
+  const T g_over_abs_raw = grad_y * scale * logspec_power_grad<kPower>(m, p.power) /
+                           (v * p.magnitude_scale * abs_x);
   const bool passes = floor_passes && clip_passes && abs_x > T(0);
-  const T g_over_abs = passes ? g_abs / abs_x : T(0);
+  const T g_over_abs = passes ? g_over_abs_raw : T(0);
   *grad_re = g_over_abs * re;
   *grad_im = g_over_abs * im;
+}
+
+template <typename T>
+VCFAST_HD void logspec_backward(T re, T im, T grad_y, const LogSpecParams<T>& p, T shift, T scale,
+                                T* grad_re, T* grad_im) {
+  const bool clipped = logspec_is_clipped(p);
+  switch (logspec_power_kind(p) * 2 + (clipped ? 1 : 0)) {
+    case kPowerOne * 2: return logspec_backward_impl<kPowerOne, false>(re, im, grad_y, p, shift, scale, grad_re, grad_im);
+    case kPowerOne * 2 + 1: return logspec_backward_impl<kPowerOne, true>(re, im, grad_y, p, shift, scale, grad_re, grad_im);
+    case kPowerTwo * 2: return logspec_backward_impl<kPowerTwo, false>(re, im, grad_y, p, shift, scale, grad_re, grad_im);
+    case kPowerTwo * 2 + 1: return logspec_backward_impl<kPowerTwo, true>(re, im, grad_y, p, shift, scale, grad_re, grad_im);
+    case kPowerAny * 2: return logspec_backward_impl<kPowerAny, false>(re, im, grad_y, p, shift, scale, grad_re, grad_im);
+    default: return logspec_backward_impl<kPowerAny, true>(re, im, grad_y, p, shift, scale, grad_re, grad_im);
+  }
+}
+
+// Calls f(std::integral_constant<int, kPower>, std::bool_constant<kClipped>) with the
+// compile-time case matching p, so a host loop can be instantiated once per case.
+template <typename T, typename F>
+inline void logspec_dispatch(const LogSpecParams<T>& p, F&& f) {
+  const bool clipped = logspec_is_clipped(p);
+  const int power = logspec_power_kind(p);
+  auto with_clip = [&](auto power_c) {
+    if (clipped) {
+      f(power_c, std::true_type{});
+    } else {
+      f(power_c, std::false_type{});
+    }
+  };
+  if (power == kPowerOne) {
+    with_clip(std::integral_constant<int, kPowerOne>{});
+  } else if (power == kPowerTwo) {
+    with_clip(std::integral_constant<int, kPowerTwo>{});
+  } else {
+    with_clip(std::integral_constant<int, kPowerAny>{});
+  }
 }
 
 }  // namespace vcfast
