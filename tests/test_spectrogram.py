@@ -343,3 +343,16 @@ def test_registered_op_rejects_bad_arguments_without_crashing():
     with pytest.raises(ValueError, match="grad must have shape"):
         torch.ops.vcfast.log_spectrogram_backward(torch.zeros(3, 3, 3), x, window, shift, scale,
                                                   **config.kernel_scalars())
+
+
+@needs_extension
+def test_backward_accepts_any_gradient_layout():
+    # .sum() hands the backward an expanded scalar; a transpose hands it a permuted tensor.
+    config = resolve_config("stargan_vc", **CONFIGS["stargan_small"])
+    x = ((torch.rand(2, 300, dtype=torch.float64) - 0.5) * 0.6).requires_grad_()
+    weight_t = torch.rand(2, config.n_frames(300), 16, dtype=torch.float64)
+    for reduce in (lambda y: y.sum(), lambda y: (y.transpose(1, 2) * weight_t).sum(),
+                   lambda y: y[:, ::2].sum()):
+        (g_cpu,) = torch.autograd.grad(reduce(vcfast.log_spectrogram(x, config, backend="cpu")), x)
+        (g_ref,) = torch.autograd.grad(reduce(vcfast.log_spectrogram(x, config, backend="reference")), x)
+        torch.testing.assert_close(g_cpu, g_ref, atol=1e-10, rtol=1e-9)

@@ -193,7 +193,12 @@ at::Tensor log_spectrogram_backward_cpu(const at::Tensor& grad_in, const at::Ten
   TORCH_CHECK_VALUE(grad_in.sizes() == at::IntArrayRef({batch, n_bins, n_frames}),
                     "vcfast::log_spectrogram_backward: grad must have shape [", batch, ", ", n_bins,
                     ", ", n_frames, "], got ", grad_in.sizes());
-  const at::Tensor grad = grad_in.to(wave.scalar_type()).contiguous();
+  // Any strides: the common dL/dy of a .sum() is an expanded scalar, and making it
+  // contiguous would allocate a spectrogram-sized tensor for nothing.
+  const at::Tensor grad = grad_in.to(wave.scalar_type());
+  const int64_t grad_stride_b = grad.stride(0);
+  const int64_t grad_stride_k = grad.stride(1);
+  const int64_t grad_stride_f = grad.stride(2);
   at::Tensor grad_wave = at::zeros_like(wave);
   if (batch == 0) return grad_wave;
 
@@ -245,11 +250,11 @@ at::Tensor log_spectrogram_backward_cpu(const at::Tensor& grad_in, const at::Ten
         }
         // Transpose this block's dL/dy to [count, n_bins] so the per-bin loop below reads
         // and writes only contiguous memory and vectorises.
-        const T* grad_row = grad_ptr + b * n_bins * n_frames + f_first;
+        const T* grad_row = grad_ptr + b * grad_stride_b + f_first * grad_stride_f;
         T* gy = grad_block.data_ptr<T>();
         for (int64_t k = 0; k < n_bins; ++k) {
           for (int64_t j = 0; j < count; ++j) {
-            gy[j * n_bins + k] = grad_row[k * n_frames + j];
+            gy[j * n_bins + k] = grad_row[k * grad_stride_k + j * grad_stride_f];
           }
         }
         logspec_dispatch(params, [&](auto power_c, auto clipped_c) {

@@ -280,7 +280,7 @@ if _extension.EXTENSION_LOADED:
     def _backward(ctx, grad):
         wave, window, shift, scale = ctx.saved_tensors
         grad_wave = torch.ops.vcfast.log_spectrogram_backward(
-            grad.contiguous(), wave, window, shift, scale, *ctx.scalars)
+            grad, wave, window, shift, scale, *ctx.scalars)
         # Only the waveform gets a gradient; window, shift, scale, the scalars and
         # check_finite are configuration.
         return (grad_wave,) + (None,) * (3 + len(_SCALAR_NAMES) + 1)
