@@ -30,13 +30,6 @@ namespace {
 
 constexpr int64_t kFramesPerBlock = 32;
 
-template <typename T>
-LogSpecParams<T> make_params(double magnitude_scale, double power, double log_offset,
-                             double log_floor, double clip_lo, double clip_hi) {
-  return LogSpecParams<T>{T(magnitude_scale), T(power), T(log_offset),
-                          T(log_floor),       T(clip_lo), T(clip_hi)};
-}
-
 // Copies frames [f0, f0 + count) of one waveform into `frames` (row-major, n_fft wide),
 // multiplied by the window.
 template <typename T>
@@ -53,9 +46,9 @@ void window_frames(const T* wave_row, const T* window, int64_t f0, int64_t count
 
 }  // namespace
 
-void check_spectrogram_args(const at::Tensor& wave, const at::Tensor& window,
-                            const at::Tensor& shift, const at::Tensor& scale, int64_t n_fft,
-                            int64_t hop, int64_t bin_lo, int64_t bin_hi) {
+SpectrogramProblem prepare_spectrogram(const at::Tensor& wave, const at::Tensor& window,
+                                       const at::Tensor& shift, const at::Tensor& scale,
+                                       int64_t n_fft, int64_t hop, int64_t bin_lo, int64_t bin_hi) {
   // The Python wrapper validates with friendlier messages; these checks keep the op safe
   // when called directly through torch.ops.vcfast.
   TORCH_CHECK_VALUE(wave.dim() == 2, "vcfast::log_spectrogram: wave must be 2-D [batch, samples], got ",
@@ -87,6 +80,21 @@ void check_spectrogram_args(const at::Tensor& wave, const at::Tensor& window,
     TORCH_CHECK_VALUE(t->device() == wave.device(),
                       "vcfast::log_spectrogram: window/shift/scale must be on wave's device");
   }
+  SpectrogramProblem problem{wave.contiguous(), window.contiguous(), shift.contiguous(),
+                             scale.contiguous(), 0, 0, 0, 0, 0};
+  problem.batch = wave.size(0);
+  problem.samples = wave.size(1);
+  problem.n_frames = (problem.samples - n_fft) / hop + 1;
+  problem.n_bins = bin_hi - bin_lo;
+  problem.n_rfft = n_fft / 2 + 1;
+  return problem;
+}
+
+void check_spectrogram_grad(const at::Tensor& grad, const SpectrogramProblem& problem) {
+  TORCH_CHECK_VALUE(
+      grad.sizes() == at::IntArrayRef({problem.batch, problem.n_bins, problem.n_frames}),
+      "vcfast::log_spectrogram_backward: grad must have shape [", problem.batch, ", ",
+      problem.n_bins, ", ", problem.n_frames, "], got ", grad.sizes());
 }
 
 at::Tensor log_spectrogram_cpu(const at::Tensor& wave_in, const at::Tensor& window_in,
@@ -95,16 +103,14 @@ at::Tensor log_spectrogram_cpu(const at::Tensor& wave_in, const at::Tensor& wind
                                double magnitude_scale, double power, double log_offset,
                                double log_floor, double clip_lo, double clip_hi,
                                bool check_finite) {
-  check_spectrogram_args(wave_in, window_in, shift_in, scale_in, n_fft, hop, bin_lo, bin_hi);
-  const at::Tensor wave = wave_in.contiguous();
-  const at::Tensor window = window_in.contiguous();
-  const at::Tensor shift = shift_in.contiguous();
-  const at::Tensor scale = scale_in.contiguous();
-  const int64_t batch = wave.size(0);
-  const int64_t samples = wave.size(1);
-  const int64_t n_frames = (samples - n_fft) / hop + 1;
-  const int64_t n_bins = bin_hi - bin_lo;
-  const int64_t n_rfft = n_fft / 2 + 1;
+  const SpectrogramProblem problem =
+      prepare_spectrogram(wave_in, window_in, shift_in, scale_in, n_fft, hop, bin_lo, bin_hi);
+  const at::Tensor& wave = problem.wave;
+  const at::Tensor& window = problem.window;
+  const at::Tensor& shift = problem.shift;
+  const at::Tensor& scale = problem.scale;
+  const int64_t batch = problem.batch, samples = problem.samples, n_frames = problem.n_frames;
+  const int64_t n_bins = problem.n_bins, n_rfft = problem.n_rfft;
   at::Tensor out = at::empty({batch, n_bins, n_frames}, wave.options());
   if (batch == 0) return out;
 
@@ -114,7 +120,7 @@ at::Tensor log_spectrogram_cpu(const at::Tensor& wave_in, const at::Tensor& wind
   AT_DISPATCH_FLOATING_TYPES(wave.scalar_type(), "vcfast_log_spectrogram_cpu", [&] {
     using T = scalar_t;
     const auto params =
-        make_params<T>(magnitude_scale, power, log_offset, log_floor, clip_lo, clip_hi);
+        make_logspec_params<T>(magnitude_scale, power, log_offset, log_floor, clip_lo, clip_hi);
     const T* wave_ptr = wave.data_ptr<T>();
     const T* window_ptr = window.data_ptr<T>();
     const T* shift_ptr = shift.data_ptr<T>();
@@ -180,19 +186,15 @@ at::Tensor log_spectrogram_backward_cpu(const at::Tensor& grad_in, const at::Ten
                                         int64_t bin_lo, int64_t bin_hi, double magnitude_scale,
                                         double power, double log_offset, double log_floor,
                                         double clip_lo, double clip_hi) {
-  check_spectrogram_args(wave_in, window_in, shift_in, scale_in, n_fft, hop, bin_lo, bin_hi);
-  const at::Tensor wave = wave_in.contiguous();
-  const at::Tensor window = window_in.contiguous();
-  const at::Tensor shift = shift_in.contiguous();
-  const at::Tensor scale = scale_in.contiguous();
-  const int64_t batch = wave.size(0);
-  const int64_t samples = wave.size(1);
-  const int64_t n_frames = (samples - n_fft) / hop + 1;
-  const int64_t n_bins = bin_hi - bin_lo;
-  const int64_t n_rfft = n_fft / 2 + 1;
-  TORCH_CHECK_VALUE(grad_in.sizes() == at::IntArrayRef({batch, n_bins, n_frames}),
-                    "vcfast::log_spectrogram_backward: grad must have shape [", batch, ", ", n_bins,
-                    ", ", n_frames, "], got ", grad_in.sizes());
+  const SpectrogramProblem problem =
+      prepare_spectrogram(wave_in, window_in, shift_in, scale_in, n_fft, hop, bin_lo, bin_hi);
+  const at::Tensor& wave = problem.wave;
+  const at::Tensor& window = problem.window;
+  const at::Tensor& shift = problem.shift;
+  const at::Tensor& scale = problem.scale;
+  const int64_t batch = problem.batch, samples = problem.samples, n_frames = problem.n_frames;
+  const int64_t n_bins = problem.n_bins, n_rfft = problem.n_rfft;
+  check_spectrogram_grad(grad_in, problem);
   // Any strides: the common dL/dy of a .sum() is an expanded scalar, and making it
   // contiguous would allocate a spectrogram-sized tensor for nothing.
   const at::Tensor grad = grad_in.to(wave.scalar_type());
@@ -212,7 +214,7 @@ at::Tensor log_spectrogram_backward_cpu(const at::Tensor& grad_in, const at::Ten
     using T = scalar_t;
     using C = c10::complex<T>;
     const auto params =
-        make_params<T>(magnitude_scale, power, log_offset, log_floor, clip_lo, clip_hi);
+        make_logspec_params<T>(magnitude_scale, power, log_offset, log_floor, clip_lo, clip_hi);
     const T* wave_ptr = wave.data_ptr<T>();
     const T* window_ptr = window.data_ptr<T>();
     const T* shift_ptr = shift.data_ptr<T>();

@@ -13,13 +13,6 @@
 namespace vcfast {
 namespace {
 
-template <typename T>
-LogSpecParams<T> params_of(double magnitude_scale, double power, double log_offset,
-                           double log_floor, double clip_lo, double clip_hi) {
-  return LogSpecParams<T>{T(magnitude_scale), T(power), T(log_offset),
-                          T(log_floor),       T(clip_lo), T(clip_hi)};
-}
-
 // [batch, n_frames, n_rfft] complex spectrum of the windowed frames, as interleaved reals.
 at::Tensor windowed_spectrum(const at::Tensor& wave, const at::Tensor& window, int64_t n_fft,
                              int64_t hop) {
@@ -33,14 +26,13 @@ at::Tensor log_spectrogram_cuda(const at::Tensor& wave_in, const at::Tensor& win
                                 double magnitude_scale, double power, double log_offset,
                                 double log_floor, double clip_lo, double clip_hi,
                                 bool check_finite) {
-  check_spectrogram_args(wave_in, window_in, shift_in, scale_in, n_fft, hop, bin_lo, bin_hi);
   const c10::cuda::CUDAGuard guard(wave_in.device());
-  const at::Tensor wave = wave_in.contiguous();
-  const at::Tensor shift = shift_in.contiguous();
-  const at::Tensor scale = scale_in.contiguous();
-  const int64_t batch = wave.size(0);
-  const int64_t n_frames = (wave.size(1) - n_fft) / hop + 1;
-  const int64_t n_bins = bin_hi - bin_lo;
+  const SpectrogramProblem problem =
+      prepare_spectrogram(wave_in, window_in, shift_in, scale_in, n_fft, hop, bin_lo, bin_hi);
+  const at::Tensor& wave = problem.wave;
+  const at::Tensor& shift = problem.shift;
+  const at::Tensor& scale = problem.scale;
+  const int64_t batch = problem.batch, n_frames = problem.n_frames, n_bins = problem.n_bins;
   if (check_finite) {
     const int64_t used = (n_frames - 1) * hop + n_fft;
     TORCH_CHECK_VALUE(at::isfinite(wave.narrow(1, 0, used)).all().item<bool>(),
@@ -49,13 +41,13 @@ at::Tensor log_spectrogram_cuda(const at::Tensor& wave_in, const at::Tensor& win
   }
   at::Tensor out = at::empty({batch, n_bins, n_frames}, wave.options());
   if (batch == 0) return out;
-  const at::Tensor spec = windowed_spectrum(wave, window_in.contiguous(), n_fft, hop);
+  const at::Tensor spec = windowed_spectrum(wave, problem.window, n_fft, hop);
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   AT_DISPATCH_FLOATING_TYPES(wave.scalar_type(), "vcfast_log_spectrogram_cuda", [&] {
     launch_logspec_fwd_epilogue<scalar_t>(
         spec.data_ptr<scalar_t>(), shift.data_ptr<scalar_t>(), scale.data_ptr<scalar_t>(),
         out.data_ptr<scalar_t>(), batch, n_frames, n_fft / 2 + 1, bin_lo, n_bins,
-        params_of<scalar_t>(magnitude_scale, power, log_offset, log_floor, clip_lo, clip_hi),
+        make_logspec_params<scalar_t>(magnitude_scale, power, log_offset, log_floor, clip_lo, clip_hi),
         stream);
   });
   C10_CUDA_KERNEL_LAUNCH_CHECK();
@@ -68,19 +60,16 @@ at::Tensor log_spectrogram_backward_cuda(const at::Tensor& grad_in, const at::Te
                                          int64_t bin_lo, int64_t bin_hi, double magnitude_scale,
                                          double power, double log_offset, double log_floor,
                                          double clip_lo, double clip_hi) {
-  check_spectrogram_args(wave_in, window_in, shift_in, scale_in, n_fft, hop, bin_lo, bin_hi);
   const c10::cuda::CUDAGuard guard(wave_in.device());
-  const at::Tensor wave = wave_in.contiguous();
-  const at::Tensor window = window_in.contiguous();
-  const at::Tensor shift = shift_in.contiguous();
-  const at::Tensor scale = scale_in.contiguous();
-  const int64_t batch = wave.size(0);
-  const int64_t samples = wave.size(1);
-  const int64_t n_frames = (samples - n_fft) / hop + 1;
-  const int64_t n_bins = bin_hi - bin_lo;
-  TORCH_CHECK_VALUE(grad_in.sizes() == at::IntArrayRef({batch, n_bins, n_frames}),
-                    "vcfast::log_spectrogram_backward: grad must have shape [", batch, ", ", n_bins,
-                    ", ", n_frames, "], got ", grad_in.sizes());
+  const SpectrogramProblem problem =
+      prepare_spectrogram(wave_in, window_in, shift_in, scale_in, n_fft, hop, bin_lo, bin_hi);
+  check_spectrogram_grad(grad_in, problem);
+  const at::Tensor& wave = problem.wave;
+  const at::Tensor& window = problem.window;
+  const at::Tensor& shift = problem.shift;
+  const at::Tensor& scale = problem.scale;
+  const int64_t batch = problem.batch, samples = problem.samples, n_frames = problem.n_frames;
+  const int64_t n_bins = problem.n_bins;
   const at::Tensor grad = grad_in.to(wave.scalar_type()).contiguous();
   at::Tensor grad_wave = at::empty_like(wave);
   if (batch == 0) return grad_wave;
@@ -92,7 +81,7 @@ at::Tensor log_spectrogram_backward_cuda(const at::Tensor& grad_in, const at::Te
         spec.data_ptr<scalar_t>(), grad.data_ptr<scalar_t>(), shift.data_ptr<scalar_t>(),
         scale.data_ptr<scalar_t>(), spec_grad.data_ptr<scalar_t>(), batch, n_frames, n_fft,
         bin_lo, n_bins,
-        params_of<scalar_t>(magnitude_scale, power, log_offset, log_floor, clip_lo, clip_hi),
+        make_logspec_params<scalar_t>(magnitude_scale, power, log_offset, log_floor, clip_lo, clip_hi),
         stream);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
     const at::Tensor frame_grad =

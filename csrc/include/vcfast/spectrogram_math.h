@@ -35,6 +35,14 @@ struct LogSpecParams {
   T clip_hi;          // final clamp; +inf disables
 };
 
+// The op's scalar arguments arrive as doubles; kernels compute in T.
+template <typename T>
+inline LogSpecParams<T> make_logspec_params(double magnitude_scale, double power, double log_offset,
+                                            double log_floor, double clip_lo, double clip_hi) {
+  return LogSpecParams<T>{T(magnitude_scale), T(power), T(log_offset),
+                          T(log_floor),       T(clip_lo), T(clip_hi)};
+}
+
 // Exponent of the magnitude, known at compile time for the common cases so the CPU loops
 // over bins contain no branches and vectorise. kPowerAny uses pow() with the runtime value.
 enum LogSpecPower : int { kPowerAny = 0, kPowerOne = 1, kPowerTwo = 2 };
