@@ -4,8 +4,10 @@ Functional API (``vcfast.log_spectrogram``, ...) and modules (``vcfast.nn``) wor
 without the compiled extension; ``vcfast.backends()`` says which kernels can run here.
 """
 
-from vcfast import data, nn
+from vcfast import data, labels, metrics, nn
 from vcfast._extension import backends, build_info
+from vcfast.labels import LabelSpace
+from vcfast.metrics import multigroup_accuracy
 from vcfast.ops.inverse import spectrogram_to_wave
 from vcfast.ops.spectrogram import (
     PRESETS,
@@ -18,12 +20,16 @@ from vcfast.ops.spectrogram import (
 __version__ = "0.1.0"
 
 __all__ = [
+    "LabelSpace",
     "PRESETS",
     "SpectrogramConfig",
     "backends",
     "build_info",
     "log_spectrogram",
+    "labels",
     "measure_bin_stats",
+    "metrics",
+    "multigroup_accuracy",
     "data",
     "nn",
     "resolve_config",
