@@ -8,6 +8,7 @@ from vcfast import data, labels, metrics, nn
 from vcfast._extension import backends, build_info
 from vcfast.labels import LabelSpace
 from vcfast.metrics import multigroup_accuracy
+from vcfast.ops.gradient_penalty import gradient_penalty
 from vcfast.ops.inverse import spectrogram_to_wave
 from vcfast.ops.spectrogram import (
     PRESETS,
@@ -31,6 +32,7 @@ __all__ = [
     "metrics",
     "multigroup_accuracy",
     "data",
+    "gradient_penalty",
     "nn",
     "resolve_config",
     "spectrogram_to_wave",

@@ -80,3 +80,17 @@ def build_info() -> dict[str, object]:
         "torch": torch.__version__,
         "torch_cuda": torch.version.cuda,
     }
+
+
+_HAS_OP: dict[str, bool] = {}
+
+
+def has_op(name: str) -> bool:
+    """True when vcfast._C registered ``vcfast::<name>`` (builds may predate newer ops)."""
+    if name not in _HAS_OP:
+        try:
+            getattr(torch.ops.vcfast, name)
+            _HAS_OP[name] = EXTENSION_LOADED
+        except (AttributeError, RuntimeError):
+            _HAS_OP[name] = False
+    return _HAS_OP[name]
