@@ -77,14 +77,42 @@ def penalty_terms_reference(g: torch.Tensor, target: float, weight: float):
     return gp, u
 
 
+if _extension.has_op("leaky_relu_with_bits"):
+
+    @torch.library.register_fake("vcfast::leaky_relu_with_bits")
+    def _leaky_relu_with_bits_fake(z, negative_slope):
+        return torch.empty_like(z), z.new_empty(((z.numel() + 7) // 8,), dtype=torch.uint8)
+
+    @torch.library.register_fake("vcfast::scale_by_slope_bits")
+    def _scale_by_slope_bits_fake(x, bits, negative_slope):
+        return torch.empty_like(x)
+
+    @torch.library.register_fake("vcfast::penalty_terms")
+    def _penalty_terms_fake(g, target, weight):
+        loss_dtype = torch.float32 if g.dtype in (torch.float16, torch.bfloat16) else g.dtype
+        return g.new_empty((), dtype=loss_dtype), torch.empty_like(g)
+
+
 def _use_kernel(t: torch.Tensor) -> bool:
     return _extension.EXTENSION_LOADED and t.device.type == "cpu" and _extension.has_op("leaky_relu_with_bits")
+
+
+def _use_triton(t: torch.Tensor) -> bool:
+    if t.device.type != "cuda" or not _extension.triton_available():
+        return False
+    from vcfast.ops import slope_bits_triton  # lazy: Triton kernels decorate at first import
+
+    return slope_bits_triton.TRITON_IMPORT_ERROR is None
 
 
 def leaky_relu_with_bits(z: torch.Tensor, negative_slope: float):
     """LeakyReLU of ``z`` and its packed slope bits (z > 0), in one pass."""
     if _use_kernel(z):
         return torch.ops.vcfast.leaky_relu_with_bits(z.contiguous(), float(negative_slope))
+    if _use_triton(z):
+        from vcfast.ops.slope_bits_triton import leaky_relu_with_bits_triton
+
+        return leaky_relu_with_bits_triton(z, float(negative_slope))
     return leaky_relu_with_bits_reference(z.contiguous(), negative_slope)
 
 
@@ -95,6 +123,10 @@ def scale_by_slope_bits(x: torch.Tensor, bits: torch.Tensor, negative_slope: flo
                          f"fewer than x's {x.numel()} elements")
     if _use_kernel(x):
         return torch.ops.vcfast.scale_by_slope_bits(x.contiguous(), bits, float(negative_slope))
+    if _use_triton(x):
+        from vcfast.ops.slope_bits_triton import scale_by_slope_bits_triton
+
+        return scale_by_slope_bits_triton(x, bits, float(negative_slope))
     return scale_by_slope_bits_reference(x.contiguous(), bits, negative_slope)
 
 
@@ -102,4 +134,8 @@ def penalty_terms(g: torch.Tensor, target: float, weight: float):
     """(gp, u) of the gradient penalty from the input gradient ``g`` [N, ...]."""
     if _use_kernel(g):
         return torch.ops.vcfast.penalty_terms(g.contiguous(), float(target), float(weight))
+    if _use_triton(g):
+        from vcfast.ops.slope_bits_triton import penalty_terms_triton
+
+        return penalty_terms_triton(g, float(target), float(weight))
     return penalty_terms_reference(g, target, weight)
