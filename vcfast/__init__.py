@@ -8,6 +8,7 @@ from vcfast import data, labels, metrics, nn
 from vcfast._extension import backends, build_info
 from vcfast.labels import LabelSpace
 from vcfast.metrics import multigroup_accuracy
+from vcfast.ops.classification import masked_multigroup_bce, masked_multigroup_softmax_ce
 from vcfast.ops.gradient_penalty import gradient_penalty
 from vcfast.ops.inverse import spectrogram_to_wave
 from vcfast.ops.spectrogram import (
@@ -28,6 +29,8 @@ __all__ = [
     "build_info",
     "log_spectrogram",
     "labels",
+    "masked_multigroup_bce",
+    "masked_multigroup_softmax_ce",
     "measure_bin_stats",
     "metrics",
     "multigroup_accuracy",

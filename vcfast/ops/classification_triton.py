@@ -1,0 +1,508 @@
+"""Triton backend of the fused masked multi-group classification losses.
+
+Contract: /tmp/specs/loss_semantics.md (element losses, masking with target -1, the one-hot
+rule of the softmax loss, reductions, error types). Kernels and their math:
+``vcfast/kernels/classification.py`` (repository path ``kernels/classification.py``).
+
+Public functions (2-D inputs of any strides: the kernels take per-tensor strides, nothing is
+copied; the gradient comes back as a contiguous [N, C] tensor of the logits dtype):
+
+* ``masked_multigroup_bce_triton(logits, targets, groups, pos_weight, reduction)
+  -> (loss, group_counts)``
+* ``masked_multigroup_softmax_ce_triton(logits, targets, groups, reduction)
+  -> (loss, group_counts)``
+
+``groups`` are the group sizes (a tuple or list of positive ints summing to C);
+``reduction`` is 0 = "none" (loss [N, G]), 1 = "sum", 2 = "mean", 3 = "group_mean"
+(0-dim loss); ``group_counts`` is int64 [G]: valid entries (BCE) / known samples (softmax)
+per group. The loss is float32, or float64 for float64 logits. Both are differentiable with
+respect to ``logits`` only (``pos_weight`` and ``targets`` get no gradient).
+
+Registered ops (schemas take ``groups`` as ``int[]``):
+
+* ``vcfast::masked_multigroup_bce_triton(logits, targets, groups, pos_weight?, reduction)``
+* ``vcfast::masked_multigroup_bce_triton_backward(grad, logits, targets, group_counts,
+  groups, pos_weight?, reduction) -> grad_logits``
+* ``vcfast::masked_multigroup_softmax_ce_triton(logits, targets, groups, reduction)``
+* ``vcfast::masked_multigroup_softmax_ce_triton_backward(grad, logits, targets,
+  group_counts, groups, reduction) -> grad_logits``
+
+The forward ops save only ``logits, targets, pos_weight`` and the [G] ``group_counts`` for
+the backward, which recomputes everything in one kernel launch.
+
+How it runs: the forward kernel (one program per row, looping over the groups and over
+BLOCK-wide chunks of each group) writes per-(row, group) partial sums S, valid counts K and a
+target-violation flag to [N, G] buffers; the requested reduction is a few deterministic
+torch ops on those tiny tensors. Target validation: in eager mode the forward raises
+ValueError naming the first bad (sample, group) -- this costs one host sync per call. Under
+torch.compile with the real GPU kernels (``torch.library.triton_op``) the forward is traced
+and no data-dependent host check is possible, so it is skipped there; the kernels set
+S[n, g] = NaN for every violating (sample, group), so bad targets still surface as a NaN
+loss (for reduction "none" exactly at the offending entries). (Under the interpreter the
+ops are opaque custom ops, whose implementation runs eagerly even inside compiled graphs,
+so the check does run there.)
+
+Registration: on real GPUs the ops are ``torch.library.triton_op`` (torch.compile can see
+the kernels). Under ``TRITON_INTERPRET=1`` (CPU tests) ``@triton.jit`` yields interpreter
+objects that ``wrap_triton`` cannot trace, so the triton_op's traced fake/functional
+implementations would break opcheck and torch.compile; in that mode the same Python
+implementations are registered with ``torch.library.custom_op`` plus ``register_fake``
+(same as ``vcfast.ops.spectrogram_triton``).
+
+Without triton the module still imports; calling a function raises RuntimeError.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor
+
+__all__ = [
+    "masked_multigroup_bce_triton",
+    "masked_multigroup_softmax_ce_triton",
+    "REDUCTIONS",
+    "TRITON_IMPORT_ERROR",
+    "USES_TRITON_OP",
+]
+
+try:
+    import triton
+
+    from vcfast.kernels import classification as _kernels
+
+    TRITON_IMPORT_ERROR: str | None = None
+except ImportError as _exc:  # triton missing (or broken): the module still imports
+    triton = None
+    _kernels = None
+    TRITON_IMPORT_ERROR = f"{type(_exc).__name__}: {_exc}"
+
+REDUCTIONS = {"none": 0, "sum": 1, "mean": 2, "group_mean": 3}
+
+_TARGET_DTYPES = (torch.int8, torch.int16, torch.int32, torch.int64,
+                  torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+# Chunk width of the column loops: next power of two of the largest group, clamped to
+# [_MIN_BLOCK, _MAX_BLOCK] (a group wider than BLOCK takes several chunks). Module globals so
+# tests can shrink _MAX_BLOCK to exercise multi-chunk groups on tiny inputs.
+_MIN_BLOCK = 16
+_MAX_BLOCK = 1024
+
+
+def _kernels_interpreted() -> bool:
+    if _kernels is None:
+        return False
+    try:
+        from triton.runtime.interpreter import InterpretedFunction
+    except ImportError:
+        return False
+    return isinstance(_kernels._masked_bce_fwd_kernel, InterpretedFunction)
+
+
+# True: registered with torch.library.triton_op (real GPU kernels); False: custom_op fallback
+# (interpreter, see the module docstring) or triton missing.
+USES_TRITON_OP = _kernels is not None and not _kernels_interpreted()
+
+
+# ---------------------------------------------------------------------------------------------
+# Host-side helpers
+
+
+def _not_tracing(*tensors: Tensor | None) -> bool:
+    """True for plain eager tensors outside any tracing mode (host syncs and caching are OK)."""
+    from torch.utils._python_dispatch import _get_current_dispatch_mode
+
+    return (not torch.compiler.is_compiling() and _get_current_dispatch_mode() is None
+            and all(t is None or type(t) is torch.Tensor for t in tensors))
+
+
+def _bounds(groups: Sequence[int]) -> list[int]:
+    out = [0]
+    for size in groups:
+        out.append(out[-1] + int(size))
+    return out
+
+
+_OFFSETS_CACHE: dict[tuple, Tensor] = {}
+
+
+def _offsets(groups: Sequence[int], device: torch.device, eager: bool) -> Tensor:
+    """int64 [G + 1] column offsets of the groups (cached per (groups, device) in eager mode)."""
+    if not eager:
+        return torch.tensor(_bounds(groups), dtype=torch.int64, device=device)
+    key = (tuple(int(s) for s in groups), str(device))
+    off = _OFFSETS_CACHE.get(key)
+    if off is None:
+        off = torch.tensor(_bounds(groups), dtype=torch.int64, device=device)
+        if len(_OFFSETS_CACHE) > 64:
+            _OFFSETS_CACHE.clear()
+        _OFFSETS_CACHE[key] = off
+    return off
+
+
+def _block(groups: Sequence[int]) -> int:
+    return max(_MIN_BLOCK, min(_MAX_BLOCK, triton.next_power_of_2(max(int(s) for s in groups))))
+
+
+def _num_warps(block: int) -> int:
+    return 8 if block >= 1024 else 4
+
+
+def _out_dtype(logits: Tensor) -> torch.dtype:
+    return torch.float64 if logits.dtype == torch.float64 else torch.float32
+
+
+def _check_inputs(name: str, logits: Tensor, targets: Tensor, groups: Sequence[int],
+                  pos_weight: Tensor | None, reduction: int) -> None:
+    if not logits.dtype.is_floating_point:
+        raise TypeError(f"{name}: logits must be a floating-point tensor (float16, bfloat16, "
+                        f"float32 or float64), got {logits.dtype}")
+    if targets.dtype not in _TARGET_DTYPES:
+        raise TypeError(f"{name}: targets must have one of the dtypes int8, int16, int32, int64, "
+                        f"float16, bfloat16, float32, float64 (values -1, 0, 1), got "
+                        f"{targets.dtype}")
+    if logits.dim() != 2 or targets.dim() != 2:
+        raise ValueError(f"{name}: logits and targets must be 2-D [N, C], got logits "
+                         f"{tuple(logits.shape)} and targets {tuple(targets.shape)}")
+    if logits.shape != targets.shape:
+        raise ValueError(f"{name}: logits and targets must have the same shape, got "
+                         f"{tuple(logits.shape)} and {tuple(targets.shape)}")
+    if targets.device != logits.device:
+        raise ValueError(f"{name}: targets must be on the logits' device {logits.device}, got "
+                         f"{targets.device}")
+    if len(groups) == 0:
+        raise ValueError(f"{name}: groups must be a non-empty list of group sizes")
+    if any(int(s) < 1 for s in groups):
+        raise ValueError(f"{name}: every group size must be >= 1, got groups={list(groups)}")
+    n_cols = logits.shape[1]
+    torch._check_value(sum(int(s) for s in groups) == n_cols,
+                       lambda: f"{name}: groups must sum to C = {n_cols} (the number of "
+                               f"columns), got groups={list(groups)} summing to "
+                               f"{sum(int(s) for s in groups)}")
+    if pos_weight is not None:
+        if not pos_weight.dtype.is_floating_point:
+            raise TypeError(f"{name}: pos_weight must be floating-point, got {pos_weight.dtype}")
+        if pos_weight.dim() != 1 or pos_weight.shape[0] != n_cols:
+            raise ValueError(f"{name}: pos_weight must have shape [C] = [{n_cols}], got "
+                             f"{tuple(pos_weight.shape)}")
+        if pos_weight.device != logits.device:
+            raise ValueError(f"{name}: pos_weight must be on the logits' device "
+                             f"{logits.device}, got {pos_weight.device}")
+    if reduction not in (0, 1, 2, 3):
+        raise ValueError(f"{name}: reduction must be 0 (none), 1 (sum), 2 (mean) or "
+                         f"3 (group_mean), got {reduction!r}")
+
+
+def _check_grad(name: str, grad: Tensor, logits: Tensor, group_counts: Tensor,
+                n_groups: int, reduction: int) -> None:
+    expected = (logits.shape[0], n_groups) if reduction == 0 else ()
+    if tuple(grad.shape) != tuple(expected):
+        raise ValueError(f"{name}: grad must have shape {tuple(expected)}, got "
+                         f"{tuple(grad.shape)}")
+    if not grad.dtype.is_floating_point or grad.device != logits.device:
+        raise ValueError(f"{name}: grad must be floating-point on {logits.device}, got "
+                         f"{grad.dtype} on {grad.device}")
+    if tuple(group_counts.shape) != (n_groups,) or group_counts.device != logits.device:
+        raise ValueError(f"{name}: group_counts must be [{n_groups}] on {logits.device}, got "
+                         f"{tuple(group_counts.shape)} on {group_counts.device}")
+
+
+def _reduce(s: Tensor, k: Tensor, reduction: int) -> tuple[Tensor, Tensor]:
+    """(loss, group_counts) from the [N, G] partials (a few deterministic torch ops)."""
+    counts = k.sum(0, dtype=torch.int64)
+    if reduction == 0:
+        return s, counts
+    if reduction == 1:
+        return s.sum(), counts
+    if reduction == 2:
+        total = counts.sum()
+        return s.sum() / total.clamp_min(1).to(s.dtype), counts
+    present = counts > 0
+    per_group = s.sum(0) / counts.clamp_min(1).to(s.dtype)
+    n_present = present.sum().clamp_min(1).to(s.dtype)
+    return torch.where(present, per_group, 0.0).sum() / n_present, counts
+
+
+def _group_weights(grad: Tensor, group_counts: Tensor, n_rows: int, n_groups: int,
+                   reduction: int, dtype: torch.dtype) -> Tensor:
+    """w[n, g] = dL/dS[n, g], a contiguous [N, G] tensor (tiny).
+
+    Materialised rather than passed as a stride-0 view so that the strides handed to the
+    kernel are those of a plain tensor whatever layout a compiler gives the broadcast.
+    """
+    grad = grad.to(dtype)
+    if reduction == 0:
+        w = grad
+    elif reduction == 1:
+        w = grad.expand(n_rows, n_groups)
+    elif reduction == 2:
+        total = group_counts.sum()
+        w = torch.where(total > 0, grad / total.clamp_min(1).to(dtype), 0.0)
+        w = w.expand(n_rows, n_groups)
+    else:
+        present = group_counts > 0
+        denom = present.sum() * group_counts  # |P| * group_counts[g], exact in int64
+        w = torch.where(present, grad / denom.clamp_min(1).to(dtype), 0.0)
+        w = w.expand(n_rows, n_groups)
+    return w.contiguous()
+
+
+_SOFTMAX_REASONS = {
+    1: "two or more positives (entries equal to 1)",
+    2: "no positive (no entry equal to 1) although the group is not all -1",
+    3: "mixes -1 with 0/1 (a group is either all -1 = unknown, or one-hot)",
+    4: "values outside {-1, 0, 1} (NaN included)",
+}
+
+
+def _raise_on_flags(name: str, flags: Tensor, targets: Tensor, groups: Sequence[int],
+                    softmax: bool) -> None:
+    """Eager only: one host sync; raises ValueError naming the first bad (sample, group)."""
+    bad = torch.nonzero(flags)
+    if bad.shape[0] == 0:
+        return
+    n, g = (int(v) for v in bad[0].tolist())
+    bounds = _bounds(groups)
+    lo, hi = bounds[g], bounds[g + 1]
+    where = (f"sample {n}, group {g} (columns {lo}:{hi}; {bad.shape[0]} bad (sample, group) "
+             f"pair(s) in all)")
+    if softmax:
+        reason = _SOFTMAX_REASONS.get(int(flags[n, g]), "invalid targets")
+        raise ValueError(f"{name}: targets of {where}: {reason}")
+    row = targets[n, lo:hi]
+    rowf = row.double()
+    odd = row[~((rowf == -1) | (rowf == 0) | (rowf == 1))]
+    raise ValueError(f"{name}: targets must be -1, 0 or 1 (not NaN); {where} has "
+                     f"{int(flags[n, g])} invalid value(s), e.g. {odd[:3].tolist()}")
+
+
+def _empty_partials(logits: Tensor, n_groups: int) -> tuple[Tensor, Tensor, Tensor]:
+    n_rows = logits.shape[0]
+    s = torch.empty((n_rows, n_groups), dtype=_out_dtype(logits), device=logits.device)
+    k = torch.empty((n_rows, n_groups), dtype=torch.int32, device=logits.device)
+    flags = torch.empty((n_rows, n_groups), dtype=torch.int32, device=logits.device)
+    return s, k, flags
+
+
+# ---------------------------------------------------------------------------------------------
+# Op implementations (traceable: triton_op registers them as their own fake kernels too)
+
+_BCE = "masked_multigroup_bce_triton"
+_SCE = "masked_multigroup_softmax_ce_triton"
+
+
+def _bce_forward_impl(logits: Tensor, targets: Tensor, groups: list[int],
+                      pos_weight: Tensor | None, reduction: int) -> tuple[Tensor, Tensor]:
+    _check_inputs(_BCE, logits, targets, groups, pos_weight, reduction)
+    eager = _not_tracing(logits, targets, pos_weight)
+    n_rows, n_groups = logits.shape[0], len(groups)
+    s, k, flags = _empty_partials(logits, n_groups)
+    if n_rows > 0:
+        block = _block(groups)
+        has_pw = pos_weight is not None
+        torch.library.wrap_triton(_kernels._masked_bce_fwd_kernel)[(n_rows,)](
+            logits, targets, pos_weight if has_pw else logits,
+            _offsets(groups, logits.device, eager), s, k, flags, n_groups,
+            logits.stride(0), logits.stride(1), targets.stride(0), targets.stride(1),
+            pos_weight.stride(0) if has_pw else 0,
+            HAS_PW=has_pw, IS_FP64=logits.dtype == torch.float64,
+            USE_LIBDEVICE=not _kernels_interpreted(), BLOCK=block, num_warps=_num_warps(block),
+        )
+        if eager:
+            _raise_on_flags(_BCE, flags, targets, groups, softmax=False)
+    else:
+        s.zero_()
+        k.zero_()
+    return _reduce(s, k, reduction)
+
+
+def _bce_backward_impl(grad: Tensor, logits: Tensor, targets: Tensor, group_counts: Tensor,
+                       groups: list[int], pos_weight: Tensor | None, reduction: int) -> Tensor:
+    name = _BCE + "_backward"
+    _check_inputs(name, logits, targets, groups, pos_weight, reduction)
+    n_rows, n_cols = logits.shape
+    n_groups = len(groups)
+    _check_grad(name, grad, logits, group_counts, n_groups, reduction)
+    grad_logits = torch.empty((n_rows, n_cols), dtype=logits.dtype, device=logits.device)
+    if n_rows == 0:
+        return grad_logits
+    eager = _not_tracing(logits, targets, pos_weight)
+    w = _group_weights(grad, group_counts, n_rows, n_groups, reduction, _out_dtype(logits))
+    block = _block(groups)
+    has_pw = pos_weight is not None
+    torch.library.wrap_triton(_kernels._masked_bce_bwd_kernel)[(n_rows,)](
+        logits, targets, pos_weight if has_pw else logits, _offsets(groups, logits.device, eager),
+        w, grad_logits, n_groups, n_cols, logits.stride(0), logits.stride(1), targets.stride(0),
+        targets.stride(1), pos_weight.stride(0) if has_pw else 0, w.stride(0), w.stride(1),
+        HAS_PW=has_pw, IS_FP64=logits.dtype == torch.float64, BLOCK=block,
+        num_warps=_num_warps(block),
+    )
+    return grad_logits
+
+
+def _sce_forward_impl(logits: Tensor, targets: Tensor, groups: list[int],
+                      reduction: int) -> tuple[Tensor, Tensor]:
+    _check_inputs(_SCE, logits, targets, groups, None, reduction)
+    eager = _not_tracing(logits, targets)
+    n_rows, n_groups = logits.shape[0], len(groups)
+    s, k, flags = _empty_partials(logits, n_groups)
+    if n_rows > 0:
+        block = _block(groups)
+        torch.library.wrap_triton(_kernels._masked_softmax_ce_fwd_kernel)[(n_rows,)](
+            logits, targets, _offsets(groups, logits.device, eager), s, k, flags, n_groups,
+            logits.stride(0), logits.stride(1), targets.stride(0), targets.stride(1),
+            IS_FP64=logits.dtype == torch.float64, BLOCK=block, num_warps=_num_warps(block),
+        )
+        if eager:
+            _raise_on_flags(_SCE, flags, targets, groups, softmax=True)
+    else:
+        s.zero_()
+        k.zero_()
+    return _reduce(s, k, reduction)
+
+
+def _sce_backward_impl(grad: Tensor, logits: Tensor, targets: Tensor, group_counts: Tensor,
+                       groups: list[int], reduction: int) -> Tensor:
+    name = _SCE + "_backward"
+    _check_inputs(name, logits, targets, groups, None, reduction)
+    n_rows, n_cols = logits.shape
+    n_groups = len(groups)
+    _check_grad(name, grad, logits, group_counts, n_groups, reduction)
+    grad_logits = torch.empty((n_rows, n_cols), dtype=logits.dtype, device=logits.device)
+    if n_rows == 0:
+        return grad_logits
+    eager = _not_tracing(logits, targets)
+    w = _group_weights(grad, group_counts, n_rows, n_groups, reduction, _out_dtype(logits))
+    block = _block(groups)
+    torch.library.wrap_triton(_kernels._masked_softmax_ce_bwd_kernel)[(n_rows,)](
+        logits, targets, _offsets(groups, logits.device, eager), w, grad_logits, n_groups,
+        n_cols, logits.stride(0), logits.stride(1), targets.stride(0), targets.stride(1),
+        w.stride(0), w.stride(1),
+        IS_FP64=logits.dtype == torch.float64, BLOCK=block, num_warps=_num_warps(block),
+    )
+    return grad_logits
+
+
+# ---------------------------------------------------------------------------------------------
+# Registration
+
+_BCE_FWD_NAME = "vcfast::masked_multigroup_bce_triton"
+_BCE_BWD_NAME = "vcfast::masked_multigroup_bce_triton_backward"
+_SCE_FWD_NAME = "vcfast::masked_multigroup_softmax_ce_triton"
+_SCE_BWD_NAME = "vcfast::masked_multigroup_softmax_ce_triton_backward"
+
+
+def _fake_forward(logits: Tensor, n_groups: int, reduction: int) -> tuple[Tensor, Tensor]:
+    shape = (logits.shape[0], n_groups) if reduction == 0 else ()
+    return (logits.new_empty(shape, dtype=_out_dtype(logits)),
+            logits.new_empty((n_groups,), dtype=torch.int64))
+
+
+if _kernels is not None:
+    if USES_TRITON_OP:
+        _bce_fwd_op = torch.library.triton_op(_BCE_FWD_NAME, _bce_forward_impl, mutates_args=())
+        _bce_bwd_op = torch.library.triton_op(_BCE_BWD_NAME, _bce_backward_impl, mutates_args=())
+        _sce_fwd_op = torch.library.triton_op(_SCE_FWD_NAME, _sce_forward_impl, mutates_args=())
+        _sce_bwd_op = torch.library.triton_op(_SCE_BWD_NAME, _sce_backward_impl, mutates_args=())
+    else:
+        # Interpreter fallback (see the module docstring): opaque custom ops with fake kernels.
+        _bce_fwd_op = torch.library.custom_op(_BCE_FWD_NAME, _bce_forward_impl, mutates_args=())
+        _bce_bwd_op = torch.library.custom_op(_BCE_BWD_NAME, _bce_backward_impl, mutates_args=())
+        _sce_fwd_op = torch.library.custom_op(_SCE_FWD_NAME, _sce_forward_impl, mutates_args=())
+        _sce_bwd_op = torch.library.custom_op(_SCE_BWD_NAME, _sce_backward_impl, mutates_args=())
+
+        @_bce_fwd_op.register_fake
+        def _bce_forward_fake(logits, targets, groups, pos_weight, reduction):
+            _check_inputs(_BCE, logits, targets, groups, pos_weight, reduction)
+            return _fake_forward(logits, len(groups), reduction)
+
+        @_bce_bwd_op.register_fake
+        def _bce_backward_fake(grad, logits, targets, group_counts, groups, pos_weight,
+                               reduction):
+            name = _BCE + "_backward"
+            _check_inputs(name, logits, targets, groups, pos_weight, reduction)
+            _check_grad(name, grad, logits, group_counts, len(groups), reduction)
+            return torch.empty_like(logits, memory_format=torch.contiguous_format)
+
+        @_sce_fwd_op.register_fake
+        def _sce_forward_fake(logits, targets, groups, reduction):
+            _check_inputs(_SCE, logits, targets, groups, None, reduction)
+            return _fake_forward(logits, len(groups), reduction)
+
+        @_sce_bwd_op.register_fake
+        def _sce_backward_fake(grad, logits, targets, group_counts, groups, reduction):
+            name = _SCE + "_backward"
+            _check_inputs(name, logits, targets, groups, None, reduction)
+            _check_grad(name, grad, logits, group_counts, len(groups), reduction)
+            return torch.empty_like(logits, memory_format=torch.contiguous_format)
+
+    def _bce_setup_context(ctx, inputs, output):
+        logits, targets, groups, pos_weight, reduction = inputs
+        # Only the inputs and the [G] counts are saved; the backward recomputes the rest.
+        ctx.save_for_backward(logits, targets, pos_weight, output[1])
+        ctx.groups, ctx.reduction = groups, reduction
+
+    def _bce_backward(ctx, grad, _grad_counts):
+        logits, targets, pos_weight, group_counts = ctx.saved_tensors
+        grad_logits = _bce_bwd_op(grad, logits, targets, group_counts, ctx.groups, pos_weight,
+                                  ctx.reduction)
+        return grad_logits, None, None, None, None
+
+    def _sce_setup_context(ctx, inputs, output):
+        logits, targets, groups, reduction = inputs
+        ctx.save_for_backward(logits, targets, output[1])
+        ctx.groups, ctx.reduction = groups, reduction
+
+    def _sce_backward(ctx, grad, _grad_counts):
+        logits, targets, group_counts = ctx.saved_tensors
+        grad_logits = _sce_bwd_op(grad, logits, targets, group_counts, ctx.groups,
+                                  ctx.reduction)
+        return grad_logits, None, None, None
+
+    _bce_fwd_op.register_autograd(_bce_backward, setup_context=_bce_setup_context)
+    _sce_fwd_op.register_autograd(_sce_backward, setup_context=_sce_setup_context)
+
+
+def _check_runnable(name: str, logits: Tensor) -> None:
+    if _kernels is None:
+        raise RuntimeError(f"{name}: the Triton backend needs the triton package, which failed "
+                           f"to import ({TRITON_IMPORT_ERROR})")
+    if logits.device.type == "cpu" and not _kernels_interpreted():
+        raise RuntimeError(f"{name}: CPU tensors need TRITON_INTERPRET=1 set before "
+                           "vcfast.kernels.classification is imported (the Triton interpreter)")
+
+
+def _groups_list(groups: Sequence[int]) -> list[int]:
+    if isinstance(groups, int) or not isinstance(groups, Sequence):
+        raise ValueError(f"groups must be a sequence of group sizes, got {groups!r}")
+    return [int(s) for s in groups]
+
+
+def masked_multigroup_bce_triton(logits: Tensor, targets: Tensor, groups: Sequence[int],
+                                 pos_weight: Tensor | None, reduction: int
+                                 ) -> tuple[Tensor, Tensor]:
+    """Masked multi-group sigmoid cross-entropy with the Triton kernels.
+
+    ``logits`` [N, C] float16/bfloat16/float32/float64 and ``targets`` [N, C] (int8/16/32/64
+    or float16/bfloat16/float32/float64, values -1 = unknown, 0, 1), any strides; ``groups``
+    sizes summing to C; ``pos_weight`` [C] or None; ``reduction`` 0-3 (none, sum, mean,
+    group_mean). Returns (loss, group_counts int64 [G]); loss is [N, G] for "none", else 0-dim,
+    float32 (float64 for float64 logits). Differentiable w.r.t. ``logits``. Runs on CUDA
+    tensors, or on CPU tensors under TRITON_INTERPRET=1 (slow; for tests).
+    """
+    _check_runnable(_BCE, logits)
+    return _bce_fwd_op(logits, targets, _groups_list(groups), pos_weight, int(reduction))
+
+
+def masked_multigroup_softmax_ce_triton(logits: Tensor, targets: Tensor, groups: Sequence[int],
+                                        reduction: int) -> tuple[Tensor, Tensor]:
+    """Masked multi-group softmax cross-entropy (one softmax per group) with the Triton kernels.
+
+    Inputs as for :func:`masked_multigroup_bce_triton` (no pos_weight). Each (sample, group)
+    of targets is either all -1 (unknown: skipped) or one-hot; anything else raises
+    ValueError naming the sample and group (eager; see the module docstring for
+    torch.compile). Returns (loss, group_counts int64 [G] = known samples per group).
+    """
+    _check_runnable(_SCE, logits)
+    return _sce_fwd_op(logits, targets, _groups_list(groups), int(reduction))
