@@ -127,6 +127,16 @@ def test_weight_gradient_slices_are_exact(monkeypatch):
     assert_same_as_autograd(critic, x, torch.randn_like(x), rtol=1e-10)
 
 
+def test_batch_slices_are_exact(monkeypatch):
+    # Large convolutions run over batch slices to bound oneDNN's operand copies.
+    monkeypatch.setattr(gp_module, "_BATCH_SLICE_BYTES", 64)
+    torch.manual_seed(6)
+    critic = nn.Sequential(nn.Conv2d(2, 5, 3, 2, 1), nn.LeakyReLU(0.01), nn.ConvTranspose2d(5, 3, 4, 2, 1),
+                           nn.LeakyReLU(0.2), nn.Flatten(), nn.Linear(3 * 8 * 8, 2)).double()
+    x = torch.randn(5, 2, 8, 8, dtype=torch.float64)
+    assert_same_as_autograd(critic, x, torch.randn_like(x), rtol=1e-10)
+
+
 def test_composes_with_the_rest_of_the_d_loss():
     torch.manual_seed(3)
     critic = PiecewiseLinearCritic(nn.Sequential(nn.Conv2d(1, 4, 4, 2, 1), nn.LeakyReLU(0.01)),

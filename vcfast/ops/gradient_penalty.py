@@ -31,7 +31,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from vcfast.ops.slope_bits import leaky_relu_with_bits, penalty_terms, scale_by_slope_bits
+from vcfast.ops.slope_bits import leaky_relu_with_bits, penalty_terms, scale_by_slope_bits_
 
 __all__ = [
     "gradient_penalty",
@@ -120,6 +120,27 @@ def _adjoint(layer: nn.Module, grad_out: torch.Tensor, input_shape: torch.Size) 
     return grad_out @ weight
 
 
+# Convolutions whose output would exceed this run over slices of the batch: oneDNN's CPU
+# convolutions allocate format-conversion copies about the size of their operands, and at
+# paper size those transients, not the kept tensors, set the penalty's peak.
+_BATCH_SLICE_BYTES = 16 * 2**20
+
+
+def _in_batch_slices(fn, x: torch.Tensor) -> torch.Tensor:
+    """fn(x) for a per-sample map fn, computed over batch slices into one output."""
+    first = fn(x[:1])
+    per_sample = first.numel() * first.element_size()
+    step = max(1, _BATCH_SLICE_BYTES // max(per_sample, 1))
+    if step >= x.shape[0]:
+        return first if x.shape[0] == 1 else fn(x)
+    out = first.new_empty((x.shape[0], *first.shape[1:]))
+    out[:1] = first
+    del first
+    for start in range(1, x.shape[0], step):
+        out[start:start + step] = fn(x[start:start + step])
+    return out
+
+
 @dataclass
 class _LeanState:
     output_grads: list  # b_k per linear layer (None where not a linear layer)
@@ -138,6 +159,8 @@ def _lean_forward(layers, x_hat: torch.Tensor, target: float, weight: float):
             shapes[index] = a.shape
             if isinstance(layer, _ACTIVATIONS):
                 a, bits[index] = leaky_relu_with_bits(a, _negative_slope(layer))
+            elif isinstance(layer, _LINEAR):
+                a = _in_batch_slices(layer, a)
             else:
                 a = layer(a)
         # backward from the output with ones: b_k kept, g = grad_x D
@@ -147,21 +170,17 @@ def _lean_forward(layers, x_hat: torch.Tensor, target: float, weight: float):
         for index in range(len(layers) - 1, -1, -1):
             layer = layers[index]
             if isinstance(layer, _ACTIVATIONS):
-                grad = scale_by_slope_bits(grad, bits[index], _negative_slope(layer))
+                # In place: grad is always a fresh tensor here (ones or an adjoint's output),
+                # never one of the stored b_k.
+                grad = scale_by_slope_bits_(grad, bits[index], _negative_slope(layer))
             elif isinstance(layer, _LINEAR):
                 output_grads[index] = grad
-                grad = _adjoint(layer, grad, shapes[index])
+                shape = shapes[index]
+                grad = _in_batch_slices(lambda g, layer=layer, shape=shape: _adjoint(layer, g, (g.shape[0], *shape[1:])), grad)
             else:  # Flatten / Identity: a reshape
                 grad = grad.reshape(shapes[index])
         gp, u = penalty_terms(grad, target, weight)
     return gp, _LeanState(output_grads, bits, shapes, u)
-
-
-def _accumulate(param: torch.Tensor, grad: torch.Tensor) -> None:
-    if param.grad is None:
-        param.grad = grad
-    else:
-        param.grad.add_(grad)
 
 
 # Weight gradients larger than this are computed in slices of output channels, so the
@@ -169,63 +188,65 @@ def _accumulate(param: torch.Tensor, grad: torch.Tensor) -> None:
 _WEIGHT_GRAD_SLICE_BYTES = 16 * 2**20
 
 
-def _tangent_and_weight_grad(layer: nn.Module, tangent: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """Returns W t (no bias) and accumulates the correlation of t with b into weight.grad.
-
-    One first-order autograd call per slice gives both the next tangent and the weight
-    gradient; there is no double backward anywhere.
-    """
+def _weight_grad(layer: nn.Module, t: torch.Tensor, b: torch.Tensor, lo: int, hi: int) -> torch.Tensor:
+    """Rows [lo, hi) of d<b, W t>/dW: the weight-gradient correlation of input t with b."""
     weight = layer.weight
-    wants_grad = weight.requires_grad
+    if isinstance(layer, nn.Conv2d):
+        return torch.nn.grad.conv2d_weight(t, (hi - lo, *weight.shape[1:]), b[:, lo:hi], layer.stride,
+                                           layer.padding, layer.dilation, layer.groups)
+    if isinstance(layer, nn.ConvTranspose2d):
+        # <b, conv_transpose(t; W)> = <conv2d(b; W), t>: the roles of input and gradient swap.
+        return torch.nn.grad.conv2d_weight(b, weight.shape, t, layer.stride, layer.padding,
+                                           layer.dilation, layer.groups)
+    return b[..., lo:hi].reshape(-1, hi - lo).t() @ t.reshape(-1, t.shape[-1])
+
+
+def _accumulate_weight_grad(layer: nn.Module, t: torch.Tensor, b: torch.Tensor) -> None:
+    """weight.grad += d<b, W t>/dW, in output-channel slices when the gradient is large."""
+    weight = layer.weight
     sliceable = isinstance(layer, (nn.Conv2d, nn.Linear)) and getattr(layer, "groups", 1) == 1
     n_slices = 1
-    if sliceable and wants_grad:
+    if sliceable:
         n_slices = min(weight.shape[0], -(-weight.numel() * weight.element_size() // _WEIGHT_GRAD_SLICE_BYTES))
-    if n_slices <= 1:
-        w = weight.detach().requires_grad_(wants_grad)
-        with torch.enable_grad():
-            out = _linear_no_bias(layer, tangent, w)
-            if wants_grad:
-                (grad_weight,) = torch.autograd.grad(out, w, b)
-                _accumulate(weight, grad_weight)
-        return out.detach()
+    # The correlation sums over the batch, so it can also run over batch slices, bounding
+    # the operand copies oneDNN makes (b_1 is 64 MiB per 16 samples at paper size).
+    per_sample = b[:1].numel() * b.element_size()
+    batch_step = max(1, _BATCH_SLICE_BYTES // max(per_sample, 1))
     if weight.grad is None:
         weight.grad = torch.zeros_like(weight)
-    outs = []
-    for rows in torch.arange(weight.shape[0], device=weight.device).tensor_split(n_slices):
-        lo, hi = int(rows[0]), int(rows[-1]) + 1
-        w = weight.detach()[lo:hi].requires_grad_()
-        with torch.enable_grad():
-            out = _linear_no_bias(layer, tangent, w)
-            (grad_weight,) = torch.autograd.grad(out, w, b.narrow(1, lo, hi - lo))
-        weight.grad[lo:hi].add_(grad_weight)
-        outs.append(out.detach())
-    return torch.cat(outs, dim=1)
+    for start in range(0, b.shape[0], batch_step):
+        t_part, b_part = t[start:start + batch_step], b[start:start + batch_step]
+        for rows in torch.arange(weight.shape[0]).tensor_split(n_slices):
+            lo, hi = int(rows[0]), int(rows[-1]) + 1
+            weight.grad[lo:hi].add_(_weight_grad(layer, t_part, b_part, lo, hi))
 
 
 def _lean_backward(layers, state: _LeanState, scale: torch.Tensor) -> None:
     """Tangent pass: accumulates d gp / d W_k into each linear layer's ``weight.grad``.
 
     Accumulating as the pass goes (rather than returning every weight gradient from the
-    autograd Function at once) keeps one layer's weight gradient alive at a time: for the
-    paper-size D the weight gradients total ~355 MiB, the largest single one 128 MiB.
+    autograd Function at once) keeps one slice of one layer's weight gradient alive at a
+    time, and each b_k is freed before the layer's next tangent is computed, so the pass
+    never holds more than the remaining b's plus one tangent.
     """
     tangent = state.u * scale
     last_linear = max(i for i, layer in enumerate(layers) if isinstance(layer, _LINEAR))
-    for index, layer in enumerate(layers):
-        if isinstance(layer, _ACTIVATIONS):
-            tangent = scale_by_slope_bits(tangent, state.slope_bits[index], _negative_slope(layer))
-            state.slope_bits[index] = None
-        elif isinstance(layer, _LINEAR):
-            b = state.output_grads[index]
-            state.output_grads[index] = None  # freed as the pass goes
-            out = _tangent_and_weight_grad(layer, tangent, b)
-            del b
-            if index == last_linear:
-                break
-            tangent = out
-        else:
-            tangent = layer(tangent)
+    with torch.no_grad():
+        for index, layer in enumerate(layers):
+            if isinstance(layer, _ACTIVATIONS):
+                tangent = scale_by_slope_bits_(tangent, state.slope_bits[index], _negative_slope(layer))
+                state.slope_bits[index] = None
+            elif isinstance(layer, _LINEAR):
+                b = state.output_grads[index]
+                state.output_grads[index] = None
+                if layer.weight.requires_grad:
+                    _accumulate_weight_grad(layer, tangent, b)
+                del b
+                if index == last_linear:
+                    break
+                tangent = _in_batch_slices(lambda t, layer=layer: _linear_no_bias(layer, t, layer.weight), tangent)
+            else:
+                tangent = layer(tangent)
 
 
 class _LeanGradientPenalty(torch.autograd.Function):

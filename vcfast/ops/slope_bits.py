@@ -9,7 +9,8 @@ Bit layout: element ``e`` of the flattened (contiguous) tensor is bit ``e % 8`` 
 
 Ops (plain-PyTorch references here, fused kernels in vcfast._C and vcfast.kernels):
 * ``leaky_relu_with_bits(z, negative_slope) -> (a, bits)``
-* ``scale_by_slope_bits(x, bits, negative_slope) -> x * slope``
+* ``scale_by_slope_bits(x, bits, negative_slope) -> x * slope`` (and ``scale_by_slope_bits_``,
+  in place, with a bounded transient: what the gradient-penalty passes use)
 * ``penalty_terms(g, target, weight) -> (gp, u)``: per-sample norms, the penalty and its
   gradient with respect to g in one pass.
 """
@@ -23,6 +24,7 @@ from vcfast import _extension
 __all__ = [
     "leaky_relu_with_bits",
     "scale_by_slope_bits",
+    "scale_by_slope_bits_",
     "penalty_terms",
     "pack_bits_reference",
     "unpack_bits_reference",
@@ -128,6 +130,31 @@ def scale_by_slope_bits(x: torch.Tensor, bits: torch.Tensor, negative_slope: flo
 
         return scale_by_slope_bits_triton(x, bits, float(negative_slope))
     return scale_by_slope_bits_reference(x.contiguous(), bits, negative_slope)
+
+
+# In-place scaling works through slices of this many elements (a multiple of 8, so slices
+# start on whole bytes of `bits`): the transient is 16 MiB of float32 instead of a copy of x.
+_INPLACE_SLICE = 1 << 22
+
+
+def scale_by_slope_bits_(x: torch.Tensor, bits: torch.Tensor, negative_slope: float) -> torch.Tensor:
+    """In-place :func:`scale_by_slope_bits`; returns ``x``.
+
+    The passes of the lean gradient penalty never reuse the unscaled signal, so scaling it in
+    place saves one activation-sized tensor at their peak. Works with every backend of the
+    out-of-place op by scaling slices and copying them back.
+    """
+    if x.numel() > bits.numel() * 8:
+        raise ValueError(f"scale_by_slope_bits_: `bits` holds {bits.numel() * 8} flags, "
+                         f"fewer than x's {x.numel()} elements")
+    if not x.is_contiguous():
+        return x.copy_(scale_by_slope_bits(x, bits, negative_slope))
+    flat = x.view(-1)
+    for start in range(0, flat.numel(), _INPLACE_SLICE):
+        part = flat[start:start + _INPLACE_SLICE]
+        part_bits = bits[start // 8:(start + part.numel() + 7) // 8]
+        part.copy_(scale_by_slope_bits(part, part_bits, negative_slope))
+    return x
 
 
 def penalty_terms(g: torch.Tensor, target: float, weight: float):
