@@ -127,16 +127,22 @@ _BATCH_SLICE_BYTES = 16 * 2**20
 
 
 def _in_batch_slices(fn, x: torch.Tensor) -> torch.Tensor:
-    """fn(x) for a per-sample map fn, computed over batch slices into one output."""
-    first = fn(x[:1])
-    per_sample = first.numel() * first.element_size()
+    """fn(x) for a per-sample map fn, computed over batch slices into one output.
+
+    The first slice is sized from the input (a guess); the output it returns fixes the step
+    for the rest. Nothing is computed twice, and a batch that fits runs as one call.
+    """
+    in_per_sample = x[:1].numel() * x.element_size()
+    first_step = max(1, _BATCH_SLICE_BYTES // max(in_per_sample, 1))
+    first = fn(x[:first_step])
+    if first_step >= x.shape[0]:
+        return first
+    per_sample = first[:1].numel() * first.element_size()
     step = max(1, _BATCH_SLICE_BYTES // max(per_sample, 1))
-    if step >= x.shape[0]:
-        return first if x.shape[0] == 1 else fn(x)
     out = first.new_empty((x.shape[0], *first.shape[1:]))
-    out[:1] = first
+    out[:first_step] = first
     del first
-    for start in range(1, x.shape[0], step):
+    for start in range(first_step, x.shape[0], step):
         out[start:start + step] = fn(x[start:start + step])
     return out
 
