@@ -63,14 +63,6 @@ def image_size(request):
     return 64 if request.config.getoption("benchmark_disable", False) else 256
 
 
-@pytest.fixture(autouse=True)
-def _threads():
-    previous = torch.get_num_threads()
-    torch.set_num_threads(BENCH_THREADS)
-    yield
-    torch.set_num_threads(previous)
-
-
 @pytest.mark.parametrize("mode", MODES)
 def test_d_step(benchmark, mode, image_size):
     namespace: dict = {}

@@ -75,14 +75,6 @@ def _impl(loss: str, name: str):
     raise ValueError(name)
 
 
-@pytest.fixture(autouse=True)
-def _threads():
-    previous = torch.get_num_threads()
-    torch.set_num_threads(BENCH_THREADS)
-    yield
-    torch.set_num_threads(previous)
-
-
 def _skip_unavailable(name):
     if name == "vcfast-cpu" and not _extension.EXTENSION_LOADED:
         pytest.skip("vcfast._C not built")

@@ -47,14 +47,6 @@ def _impl(name: str, device: str = "cpu"):
     raise ValueError(name)
 
 
-@pytest.fixture(autouse=True)
-def _threads():
-    previous = torch.get_num_threads()
-    torch.set_num_threads(BENCH_THREADS)
-    yield
-    torch.set_num_threads(previous)
-
-
 def _wave(device="cpu", requires_grad=False):
     g = torch.Generator().manual_seed(0)
     wave = (torch.rand(BATCH, SAMPLES, generator=g) - 0.5).to(device)

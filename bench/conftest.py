@@ -12,6 +12,7 @@ import subprocess
 import sys
 import textwrap
 
+import pytest
 import torch
 
 BENCH_THREADS = int(os.environ.get("VCFAST_BENCH_THREADS", "2"))
@@ -27,6 +28,15 @@ def conditions() -> str:
     gpu = torch.cuda.get_device_name() if torch.cuda.is_available() else "none"
     return (f"torch {torch.__version__}, CPU {cpu} ({os.cpu_count()} cores), "
             f"threads {BENCH_THREADS}, GPU {gpu}")
+
+
+@pytest.fixture(autouse=True)
+def _bench_threads():
+    """Every benchmark runs with BENCH_THREADS intra-op threads (2, as on CI machines)."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(BENCH_THREADS)
+    yield
+    torch.set_num_threads(previous)
 
 
 def pytest_report_header(config):

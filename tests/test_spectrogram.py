@@ -11,7 +11,7 @@ import torch
 import vcfast
 from vcfast import _extension
 from vcfast.data.synth import synthetic_speech
-from vcfast.ops.spectrogram import _pick_backend, log_spectrogram_reference, resolve_config
+from vcfast.ops.spectrogram import _pick_backend, resolve_config
 
 needs_extension = pytest.mark.skipif(
     not _extension.EXTENSION_LOADED, reason="vcfast._C is not built (pip install --no-build-isolation -e .)"

@@ -59,6 +59,8 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
+
+from vcfast.ops._triton import define_op, is_interpreted, load_kernels, triton
 __all__ = [
     "masked_multigroup_bce_triton",
     "masked_multigroup_softmax_ce_triton",
@@ -67,16 +69,7 @@ __all__ = [
     "USES_TRITON_OP",
 ]
 
-try:
-    import triton
-
-    from vcfast.kernels import classification as _kernels
-
-    TRITON_IMPORT_ERROR: str | None = None
-except ImportError as _exc:  # triton missing (or broken): the module still imports
-    triton = None
-    _kernels = None
-    TRITON_IMPORT_ERROR = f"{type(_exc).__name__}: {_exc}"
+_kernels, TRITON_IMPORT_ERROR = load_kernels("classification")
 
 REDUCTIONS = {"none": 0, "sum": 1, "mean": 2, "group_mean": 3}
 
@@ -91,13 +84,7 @@ _MAX_BLOCK = 1024
 
 
 def _kernels_interpreted() -> bool:
-    if _kernels is None:
-        return False
-    try:
-        from triton.runtime.interpreter import InterpretedFunction
-    except ImportError:
-        return False
-    return isinstance(_kernels._masked_bce_fwd_kernel, InterpretedFunction)
+    return _kernels is not None and is_interpreted(_kernels._masked_bce_fwd_kernel)
 
 
 # True: registered with torch.library.triton_op (real GPU kernels); False: custom_op fallback
@@ -400,17 +387,11 @@ def _fake_forward(logits: Tensor, n_groups: int, reduction: int) -> tuple[Tensor
 
 
 if _kernels is not None:
-    if USES_TRITON_OP:
-        _bce_fwd_op = torch.library.triton_op(_BCE_FWD_NAME, _bce_forward_impl, mutates_args=())
-        _bce_bwd_op = torch.library.triton_op(_BCE_BWD_NAME, _bce_backward_impl, mutates_args=())
-        _sce_fwd_op = torch.library.triton_op(_SCE_FWD_NAME, _sce_forward_impl, mutates_args=())
-        _sce_bwd_op = torch.library.triton_op(_SCE_BWD_NAME, _sce_backward_impl, mutates_args=())
-    else:
-        # Interpreter fallback (see the module docstring): opaque custom ops with fake kernels.
-        _bce_fwd_op = torch.library.custom_op(_BCE_FWD_NAME, _bce_forward_impl, mutates_args=())
-        _bce_bwd_op = torch.library.custom_op(_BCE_BWD_NAME, _bce_backward_impl, mutates_args=())
-        _sce_fwd_op = torch.library.custom_op(_SCE_FWD_NAME, _sce_forward_impl, mutates_args=())
-        _sce_bwd_op = torch.library.custom_op(_SCE_BWD_NAME, _sce_backward_impl, mutates_args=())
+    _bce_fwd_op = define_op(_BCE_FWD_NAME, _bce_forward_impl, use_triton_op=USES_TRITON_OP)
+    _bce_bwd_op = define_op(_BCE_BWD_NAME, _bce_backward_impl, use_triton_op=USES_TRITON_OP)
+    _sce_fwd_op = define_op(_SCE_FWD_NAME, _sce_forward_impl, use_triton_op=USES_TRITON_OP)
+    _sce_bwd_op = define_op(_SCE_BWD_NAME, _sce_backward_impl, use_triton_op=USES_TRITON_OP)
+    if not USES_TRITON_OP:  # interpreter: custom ops need explicit fakes
 
         @_bce_fwd_op.register_fake
         def _bce_forward_fake(logits, targets, groups, pos_weight, reduction):

@@ -41,6 +41,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+
+from vcfast.ops._triton import define_op, is_interpreted, load_kernels, triton
 __all__ = [
     "leaky_relu_with_bits_triton",
     "scale_by_slope_bits_triton",
@@ -49,16 +51,7 @@ __all__ = [
     "USES_TRITON_OP",
 ]
 
-try:
-    import triton
-
-    from vcfast.kernels import slope_bits as _kernels
-
-    TRITON_IMPORT_ERROR: str | None = None
-except ImportError as _exc:  # triton missing (or broken): the module still imports
-    triton = None
-    _kernels = None
-    TRITON_IMPORT_ERROR = f"{type(_exc).__name__}: {_exc}"
+_kernels, TRITON_IMPORT_ERROR = load_kernels("slope_bits")
 
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 _HALF = (torch.float16, torch.bfloat16)
@@ -73,13 +66,7 @@ _NUM_WARPS = 4
 
 
 def _kernels_interpreted() -> bool:
-    if _kernels is None:
-        return False
-    try:
-        from triton.runtime.interpreter import InterpretedFunction
-    except ImportError:
-        return False
-    return isinstance(_kernels._leaky_relu_with_bits_kernel, InterpretedFunction)
+    return _kernels is not None and is_interpreted(_kernels._leaky_relu_with_bits_kernel)
 
 
 # True: registered with torch.library.triton_op (real GPU kernels); False: custom_op fallback
@@ -223,19 +210,10 @@ _SCALE_NAME = "vcfast::scale_by_slope_bits_triton"
 _PENALTY_NAME = "vcfast::penalty_terms_triton"
 
 if _kernels is not None:
-    if USES_TRITON_OP:
-        _lrb_op = torch.library.triton_op(_LRB_NAME, _leaky_relu_with_bits_impl, mutates_args=())
-        _scale_op = torch.library.triton_op(_SCALE_NAME, _scale_by_slope_bits_impl,
-                                            mutates_args=())
-        _penalty_op = torch.library.triton_op(_PENALTY_NAME, _penalty_terms_impl,
-                                              mutates_args=())
-    else:
-        # Interpreter fallback (see the module docstring): opaque custom ops with fake kernels.
-        _lrb_op = torch.library.custom_op(_LRB_NAME, _leaky_relu_with_bits_impl, mutates_args=())
-        _scale_op = torch.library.custom_op(_SCALE_NAME, _scale_by_slope_bits_impl,
-                                            mutates_args=())
-        _penalty_op = torch.library.custom_op(_PENALTY_NAME, _penalty_terms_impl,
-                                              mutates_args=())
+    _lrb_op = define_op(_LRB_NAME, _leaky_relu_with_bits_impl, use_triton_op=USES_TRITON_OP)
+    _scale_op = define_op(_SCALE_NAME, _scale_by_slope_bits_impl, use_triton_op=USES_TRITON_OP)
+    _penalty_op = define_op(_PENALTY_NAME, _penalty_terms_impl, use_triton_op=USES_TRITON_OP)
+    if not USES_TRITON_OP:  # interpreter: custom ops need explicit fakes
 
         @_lrb_op.register_fake
         def _leaky_relu_with_bits_fake(z, negative_slope):

@@ -32,18 +32,11 @@ import math
 import torch
 from torch import Tensor
 
+
+from vcfast.ops._triton import define_op, is_interpreted, load_kernels, triton
 __all__ = ["log_spectrogram_triton", "TRITON_IMPORT_ERROR", "USES_TRITON_OP"]
 
-try:
-    import triton
-
-    from vcfast.kernels import spectrogram as _kernels
-
-    TRITON_IMPORT_ERROR: str | None = None
-except ImportError as _exc:  # triton missing (or broken): the module still imports
-    triton = None
-    _kernels = None
-    TRITON_IMPORT_ERROR = f"{type(_exc).__name__}: {_exc}"
+_kernels, TRITON_IMPORT_ERROR = load_kernels("spectrogram")
 
 _PRECISION_CODES = {"ieee": 0, "tf32": 1, "bf16": 2}
 
@@ -58,13 +51,7 @@ _NUM_WARPS = 4
 
 
 def _kernels_interpreted() -> bool:
-    if _kernels is None:
-        return False
-    try:
-        from triton.runtime.interpreter import InterpretedFunction
-    except ImportError:
-        return False
-    return isinstance(_kernels._log_spectrogram_fwd_kernel, InterpretedFunction)
+    return _kernels is not None and is_interpreted(_kernels._log_spectrogram_fwd_kernel)
 
 
 # True: registered with torch.library.triton_op (real GPU kernels); False: custom_op fallback
@@ -267,13 +254,9 @@ _BWD_NAME = "vcfast::log_spectrogram_triton_backward"
 _N_NON_WAVE_INPUTS = 3 + 10 + 1  # window, shift, scale; 10 scalars; precision
 
 if _kernels is not None:
-    if USES_TRITON_OP:
-        _fwd_op = torch.library.triton_op(_FWD_NAME, _forward_impl, mutates_args=())
-        _bwd_op = torch.library.triton_op(_BWD_NAME, _backward_impl, mutates_args=())
-    else:
-        # Interpreter fallback (see the module docstring): opaque custom ops with fake kernels.
-        _fwd_op = torch.library.custom_op(_FWD_NAME, _forward_impl, mutates_args=())
-        _bwd_op = torch.library.custom_op(_BWD_NAME, _backward_impl, mutates_args=())
+    _fwd_op = define_op(_FWD_NAME, _forward_impl, use_triton_op=USES_TRITON_OP)
+    _bwd_op = define_op(_BWD_NAME, _backward_impl, use_triton_op=USES_TRITON_OP)
+    if not USES_TRITON_OP:  # interpreter: custom ops need explicit fakes
 
         @_fwd_op.register_fake
         def _forward_fake(wave, window, shift, scale, n_fft, hop, bin_lo, bin_hi,
