@@ -2,12 +2,16 @@
 
 from vcfast.nn.classification import MaskedMultiGroupBCE, MaskedMultiGroupSoftmaxCE
 from vcfast.nn.critic import GradientPenalty, PiecewiseLinearCritic
+from vcfast.nn.norm_act import InstanceNormReLUConv2d, LeanResidualBlock, instance_norm_relu_conv
 from vcfast.nn.spectrogram import LogSpectrogram
 
 __all__ = [
     "GradientPenalty",
+    "InstanceNormReLUConv2d",
+    "LeanResidualBlock",
     "LogSpectrogram",
     "MaskedMultiGroupBCE",
     "MaskedMultiGroupSoftmaxCE",
     "PiecewiseLinearCritic",
+    "instance_norm_relu_conv",
 ]

@@ -1,0 +1,176 @@
+"""Memory-lean "InstanceNorm -> ReLU -> conv" units (one activation-sized tensor per block).
+
+In the reference layout ``Conv -> InstanceNorm2d -> ReLU -> Conv`` autograd keeps two
+activation-sized tensors per block for backward: the norm's input ``z`` and the ReLU output
+``a`` (saved by the next conv). ReLU is not invertible, so ``z`` cannot be recovered from
+``a``; instead :class:`InstanceNormReLUConv2d` runs "IN -> ReLU -> conv" as one autograd
+function that saves only ``z`` and the per-(sample, channel) statistics (mean, rstd) and
+recomputes ``a = relu(gamma * (z - mean) * rstd + beta)`` -- cheap elementwise work, never a
+convolution -- when the conv's backward needs it.
+
+Exact against ``nn.InstanceNorm2d(affine=True, track_running_stats=True)`` + ``nn.ReLU`` +
+``nn.Conv2d`` / ``nn.ConvTranspose2d``: same statistics (biased variance for normalising,
+``eps``), same running-stat update in train mode (``momentum``; unbiased variance; momentum
+None leaves them unchanged, like ``F.instance_norm`` with momentum 0; ``num_batches_tracked``
+is not touched, like nn.InstanceNorm2d), running statistics in eval mode when tracked.
+Not double-differentiable; convs must use ``padding_mode='zeros'`` and numeric padding.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from vcfast.ops.norm_act import (
+    acc_dtype,
+    instance_norm_stats,
+    norm_relu_backward,
+    norm_relu_forward,
+)
+
+__all__ = ["InstanceNormReLUConv2d", "LeanResidualBlock", "instance_norm_relu_conv"]
+
+
+def _conv_config(conv: nn.Module):
+    if not isinstance(conv, (nn.Conv2d, nn.ConvTranspose2d)):
+        raise TypeError(f"expected nn.Conv2d or nn.ConvTranspose2d, got {type(conv).__name__}")
+    if conv.padding_mode != "zeros":
+        raise NotImplementedError(f"padding_mode={conv.padding_mode!r}: only 'zeros' is supported")
+    if isinstance(conv.padding, str):
+        raise NotImplementedError(f"padding={conv.padding!r}: give numeric padding")
+    transposed = isinstance(conv, nn.ConvTranspose2d)
+    output_padding = list(conv.output_padding) if transposed else [0, 0]
+    return (list(conv.stride), list(conv.padding), list(conv.dilation), transposed,
+            output_padding, conv.groups)
+
+
+class _NormReLUConvFn(torch.autograd.Function):
+    """out = conv(relu(gamma * (z - mean) * rstd + beta)); saves z (not the activation)."""
+
+    @staticmethod
+    def forward(ctx, z, mean, rstd, gamma, beta, weight, bias, conv_cfg, batch_stats):
+        a = norm_relu_forward(z, mean, rstd, gamma, beta)
+        out = torch.ops.aten.convolution(a, weight, bias, *conv_cfg)
+        del a
+        ctx.save_for_backward(z, mean, rstd, gamma, beta, weight)
+        ctx.conv_cfg = conv_cfg
+        ctx.batch_stats = batch_stats
+        ctx.bias_sizes = None if bias is None else list(bias.shape)
+        return out
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_out):
+        z, mean, rstd, gamma, beta, weight = ctx.saved_tensors
+        need_z, _, _, need_gamma, need_beta, need_w, need_b = ctx.needs_input_grad[:7]
+        need_a = need_z or need_gamma or need_beta
+        a = norm_relu_forward(z, mean, rstd, gamma, beta)  # the recompute
+        grad_a, grad_w, grad_b = torch.ops.aten.convolution_backward(
+            grad_out, a, weight, ctx.bias_sizes, *ctx.conv_cfg, [need_a, need_w, need_b])
+        del a
+        grad_z = grad_gamma = grad_beta = None
+        if need_a:
+            grad_z, grad_gamma, grad_beta = norm_relu_backward(
+                grad_a, z, mean, rstd, gamma, beta, ctx.batch_stats)
+            del grad_a
+            if grad_gamma is not None:
+                grad_gamma = grad_gamma.to(gamma.dtype)
+            if grad_beta is not None:
+                grad_beta = grad_beta.to(beta.dtype)
+        return (grad_z if need_z else None, None, None,
+                grad_gamma if need_gamma else None, grad_beta if need_beta else None,
+                grad_w, grad_b if need_b else None, None, None)
+
+
+def instance_norm_relu_conv(z: Tensor, norm: nn.InstanceNorm2d, conv: nn.Module) -> Tensor:
+    """``conv(relu(norm(z)))`` keeping only ``z`` and [N, C] statistics for backward.
+
+    ``norm``'s running statistics are updated in place exactly as ``norm(z)`` would.
+    """
+    if z.dim() != 4:
+        raise ValueError(f"instance_norm_relu_conv: expected a 4-D input, got {z.dim()}-D")
+    if z.shape[1] != norm.num_features:
+        raise ValueError(f"expected {norm.num_features} channels, got {z.shape[1]}")
+    conv_cfg = _conv_config(conv)
+    batch_stats = norm.training or not norm.track_running_stats
+    if batch_stats:
+        with torch.no_grad():
+            mean, rstd, var_unbiased = instance_norm_stats(z.detach(), norm.eps)
+            if norm.track_running_stats and norm.running_mean is not None:
+                m = norm.momentum if norm.momentum is not None else 0.0
+                rm, rv = norm.running_mean, norm.running_var
+                rm.copy_(rm * (1 - m) + mean.mean(0).to(rm.dtype) * m)
+                rv.copy_(rv * (1 - m) + var_unbiased.mean(0).to(rv.dtype) * m)
+    else:
+        dt = acc_dtype(z)
+        n = z.shape[0]
+        with torch.no_grad():
+            mean = norm.running_mean.to(dt).expand(n, -1).contiguous()
+            rstd = torch.rsqrt(norm.running_var.to(dt) + norm.eps).expand(n, -1).contiguous()
+    return _NormReLUConvFn.apply(z, mean, rstd, norm.weight, norm.bias, conv.weight, conv.bias,
+                                 conv_cfg, batch_stats)
+
+
+class InstanceNormReLUConv2d(nn.Module):
+    """``conv(relu(norm(z)))`` as one unit that saves ``z`` but not the ReLU output.
+
+    Wraps existing modules (parameters shared): ``InstanceNormReLUConv2d(norm, conv)`` with
+    ``norm`` an ``nn.InstanceNorm2d`` (affine or not, tracked running stats or not) and
+    ``conv`` an ``nn.Conv2d`` or ``nn.ConvTranspose2d`` (padding_mode 'zeros'). State-dict keys
+    are ``norm.*`` and ``conv.*``.
+    """
+
+    def __init__(self, norm: nn.InstanceNorm2d, conv: nn.Module):
+        super().__init__()
+        if not isinstance(norm, nn.InstanceNorm2d):
+            raise TypeError(f"expected nn.InstanceNorm2d, got {type(norm).__name__}")
+        _conv_config(conv)
+        self.norm = norm
+        self.conv = conv
+
+    @classmethod
+    def from_sizes(cls, channels: int, out_channels: int, kernel_size, stride=1, padding=0,
+                   bias: bool = True, eps: float = 1e-5, momentum: float | None = 0.1,
+                   **conv_kwargs) -> "InstanceNormReLUConv2d":
+        norm = nn.InstanceNorm2d(channels, eps=eps, momentum=momentum, affine=True,
+                                 track_running_stats=True)
+        conv = nn.Conv2d(channels, out_channels, kernel_size, stride=stride, padding=padding,
+                         bias=bias, **conv_kwargs)
+        return cls(norm, conv)
+
+    def forward(self, z: Tensor) -> Tensor:
+        return instance_norm_relu_conv(z, self.norm, self.conv)
+
+
+class LeanResidualBlock(nn.Module):
+    """StarGAN's residual block, ``x + main(x)``, with the IN -> ReLU -> conv middle lean.
+
+    Same modules and state-dict keys as the official code's
+    ``main = nn.Sequential(Conv2d(3x3, bias=False), InstanceNorm2d(affine, tracked), ReLU,
+    Conv2d(3x3, bias=False), InstanceNorm2d(affine, tracked))``, so official checkpoints load
+    both ways; :meth:`from_official` shares an existing block's ``main``.
+    """
+
+    def __init__(self, dim_in: int, dim_out: int):
+        super().__init__()
+        self.main = nn.Sequential(
+            nn.Conv2d(dim_in, dim_out, kernel_size=3, stride=1, padding=1, bias=False),
+            nn.InstanceNorm2d(dim_out, affine=True, track_running_stats=True),
+            nn.ReLU(inplace=True),
+            nn.Conv2d(dim_out, dim_out, kernel_size=3, stride=1, padding=1, bias=False),
+            nn.InstanceNorm2d(dim_out, affine=True, track_running_stats=True),
+        )
+
+    @classmethod
+    def from_official(cls, block: nn.Module) -> "LeanResidualBlock":
+        """A lean block sharing ``block.main``'s modules (parameters and buffers)."""
+        main = block.main
+        lean = cls.__new__(cls)
+        nn.Module.__init__(lean)
+        lean.main = main
+        return lean
+
+    def forward(self, x: Tensor) -> Tensor:
+        conv1, norm1, _, conv2, norm2 = self.main
+        h = instance_norm_relu_conv(conv1(x), norm1, conv2)
+        return x + norm2(h)
