@@ -4,9 +4,10 @@ Functional API (``vcfast.log_spectrogram``, ...) and modules (``vcfast.nn``) wor
 without the compiled extension; ``vcfast.backends()`` says which kernels can run here.
 """
 
-from vcfast import data, labels, metrics, nn
+from vcfast import data, labels, metrics, models, nn
 from vcfast._extension import backends, build_info
 from vcfast.labels import LabelSpace
+from vcfast.models import convert_stargan
 from vcfast.metrics import multigroup_accuracy
 from vcfast.ops.classification import masked_multigroup_bce, masked_multigroup_softmax_ce
 from vcfast.ops.gradient_penalty import gradient_penalty
@@ -27,12 +28,14 @@ __all__ = [
     "SpectrogramConfig",
     "backends",
     "build_info",
+    "convert_stargan",
     "log_spectrogram",
     "labels",
     "masked_multigroup_bce",
     "masked_multigroup_softmax_ce",
     "measure_bin_stats",
     "metrics",
+    "models",
     "multigroup_accuracy",
     "data",
     "gradient_penalty",

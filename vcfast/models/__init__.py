@@ -1,5 +1,15 @@
-"""Paper-size StarGAN models (SPEC §4)."""
+"""Paper-size StarGAN models (SPEC §4): lean versions and the official layout they replace."""
 
+from vcfast.models.convert import convert_stargan
 from vcfast.models.discriminator import StarGANDiscriminator
+from vcfast.models.generator import StarGANGenerator
+from vcfast.models.official import OfficialDiscriminator, OfficialGenerator, OfficialResidualBlock
 
-__all__ = ["StarGANDiscriminator"]
+__all__ = [
+    "OfficialDiscriminator",
+    "OfficialGenerator",
+    "OfficialResidualBlock",
+    "StarGANDiscriminator",
+    "StarGANGenerator",
+    "convert_stargan",
+]
