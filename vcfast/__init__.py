@@ -4,7 +4,7 @@ Functional API (``vcfast.log_spectrogram``, ...) and modules (``vcfast.nn``) wor
 without the compiled extension; ``vcfast.backends()`` says which kernels can run here.
 """
 
-from vcfast import data, labels, metrics, models, nn
+from vcfast import data, labels, memory, metrics, models, nn
 from vcfast._extension import backends, build_info
 from vcfast.labels import LabelSpace
 from vcfast.models import convert_stargan
@@ -34,6 +34,7 @@ __all__ = [
     "masked_multigroup_bce",
     "masked_multigroup_softmax_ce",
     "measure_bin_stats",
+    "memory",
     "metrics",
     "models",
     "multigroup_accuracy",

@@ -1,0 +1,220 @@
+"""LiveBytesTracker: exact live-storage accounting, meta == CPU, and validation against real RSS."""
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+
+from vcfast.memory import LiveBytesTracker, onednn_conv_scratch, peak_memory, tensor_bytes
+
+
+def test_elementwise_peak_exact():
+    x = torch.randn(1000)
+    with LiveBytesTracker(baseline_bytes=tensor_bytes(x)) as t:
+        y = x * 2
+        z = y + 1
+        del y
+        w = z.view(10, 100)  # view: no storage
+        z.add_(1)  # in-place: no storage
+        zz = w[3:].t()  # view of a view
+    assert t.baseline_bytes == 4000
+    assert t.peak_allocated_bytes == 8000
+    assert t.peak_bytes == 12000
+    assert t.current_bytes == 8000  # x + z
+    assert t.num_allocations == 2
+    del z, w
+    assert t.current_bytes == 8000  # zz still holds z's storage
+    del zz
+    assert t.current_bytes == 4000  # freed storage decremented (even after the mode exited)
+
+
+def test_views_and_inplace_not_counted():
+    x = torch.randn(64, 64)
+    with LiveBytesTracker() as t:
+        x.view(-1)
+        x.t().contiguous()  # a copy: counted, then freed
+        x.transpose(0, 1)[1:, ::2]
+        x.mul_(2)
+        torch.mul(x, 3, out=x)
+    assert t.peak_allocated_bytes == 64 * 64 * 4
+    assert t.current_bytes == 0
+
+
+def test_shared_storage_counted_once():
+    with LiveBytesTracker() as t:
+        a = torch.empty(100)
+        parts = a.split(10)  # views
+        b = torch.cat(parts)
+    assert t.current_bytes == 800
+    del a, parts, b
+    assert t.current_bytes == 0
+
+
+def test_phases_and_reset():
+    with LiveBytesTracker(baseline_bytes=100) as t:
+        with t.phase("big"):
+            a = torch.empty(1000)
+            del a
+        with t.phase("small"):
+            b = torch.empty(10)
+        t.reset_peak()
+        assert t.peak_bytes == 140
+    assert t.phase_peaks == {"big": 4100, "small": 140}
+    del b
+
+
+@pytest.mark.parametrize("device", ["cpu", "meta"])
+def test_linear_forward_backward_saved_activations(device):
+    torch.manual_seed(0)
+    lin = torch.nn.Linear(100, 50).to(device)
+    x = torch.randn(32, 100, device=device)
+    base = tensor_bytes(lin, x)
+    assert base == (50 * 100 + 50 + 32 * 100) * 4
+    act = 32 * 50 * 4
+    with LiveBytesTracker(baseline_bytes=base) as t:
+        with t.phase("forward"):
+            loss = torch.relu(lin(x)).sum()
+        # addmm output (freed after relu) + relu output (saved by relu's backward) + loss
+        assert t.phase_peaks["forward"] == base + 2 * act
+        assert t.current_bytes == base + act + 4
+        with t.phase("backward"):
+            loss.backward()
+    grads = (50 * 100 + 50) * 4
+    # backward ops are seen: grad of relu input, weight and bias grads, all allocated under the mode
+    assert t.num_allocations >= 6
+    # saved relu output freed with the graph; the grads (and loss) survive
+    assert t.current_bytes == base + grads + 4
+    # at the backward peak: relu grad (act), weight+bias grads, loss and its ones-like seed grad
+    assert t.phase_peaks["backward"] == base + act + grads + 8
+    assert t.peak_bytes == t.phase_peaks["backward"]
+
+
+def _conv_net(memory_format=torch.contiguous_format, c=16):
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(
+        torch.nn.Conv2d(3, c, 3, padding=1), torch.nn.ReLU(),
+        torch.nn.Conv2d(c, c, 3, padding=1), torch.nn.ReLU(),
+        torch.nn.Conv2d(c, c, 3, padding=1), torch.nn.ReLU(),
+    )
+    return net.to(memory_format=memory_format)
+
+
+def test_meta_matches_cpu_conv_net():
+    def step(net, x):
+        net(x).square().mean().backward()
+
+    net = _conv_net()
+    x = torch.randn(2, 3, 24, 24, requires_grad=True)
+    cpu = peak_memory(step, net, x, device=None)
+    assert net[0].weight.grad is not None  # really ran on CPU
+    meta = peak_memory(step, _conv_net(), torch.randn(2, 3, 24, 24, requires_grad=True))
+    assert meta["baseline_bytes"] == cpu["baseline_bytes"] == tensor_bytes(_conv_net(), x)
+    assert meta["peak_bytes"] == cpu["peak_bytes"]
+    assert meta["end_bytes"] == cpu["end_bytes"]
+    assert meta["num_allocations"] == cpu["num_allocations"]
+    assert cpu["peak_allocated_bytes"] > 6 * 2 * 16 * 24 * 24 * 4  # saved activations at least
+
+
+def test_peak_memory_meta_leaves_module_alone():
+    net = _conv_net()
+    out = peak_memory(lambda m, x: m(x), net, torch.randn(1, 3, 8, 8))
+    assert net[0].weight.device.type == "cpu"
+    assert out["output_bytes"] == 16 * 8 * 8 * 4
+
+
+def test_round_to():
+    with LiveBytesTracker(round_to=512) as t:
+        a = torch.empty(3)
+    assert t.current_bytes == 512
+    del a
+
+
+# --- validation against real memory ------------------------------------------------------------
+# Same method as bench/conftest.py (copied, not imported): a fresh process, glibc told to return
+# freed memory at once, baseline = resident size after a warm-up call lifted to the high-water
+# mark by a touched ballast, peak = ru_maxrss.
+_MEASURE = textwrap.dedent(
+    """
+    import json, resource, gc
+    import torch
+    torch.set_num_threads(2)
+    setup = {{}}
+    exec({setup!r}, setup)
+    run = setup["run"]
+    out = run()
+    out_bytes = sum(t.numel() * t.element_size() for t in (out if isinstance(out, tuple) else (out,)))
+    del out
+    gc.collect()
+    page = resource.getpagesize()
+    def resident():
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * page
+    lifetime_peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    gap = lifetime_peak - resident()
+    ballast = torch.ones(gap // 4 + 4096) if gap > 0 else None
+    baseline = resident()
+    out = run()
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    print(json.dumps({{"baseline": baseline, "peak": peak, "out_bytes": out_bytes}}))
+    """
+)
+
+
+def _measure_extra_memory(setup_code: str) -> int:
+    env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536", MALLOC_TRIM_THRESHOLD_="65536")
+    result = subprocess.run([sys.executable, "-c", _MEASURE.format(setup=setup_code)], env=env,
+                            capture_output=True, text=True, check=False)
+    assert result.returncode == 0, result.stderr[-3000:]
+    f = json.loads(result.stdout.strip().splitlines()[-1])
+    return max(0, f["peak"] - f["baseline"] - f["out_bytes"])
+
+
+_VALIDATION_NET = """
+import torch
+torch.manual_seed(0)
+mf = torch.{memory_format}
+net = torch.nn.Sequential(torch.nn.Conv2d(8, 64, 3, padding=1), torch.nn.ReLU(),
+    torch.nn.Conv2d(64, 64, 3, padding=1), torch.nn.ReLU(),
+    torch.nn.Conv2d(64, 64, 3, padding=1), torch.nn.ReLU()).to(memory_format=mf)
+x = torch.randn(2, 8, 192, 192).to(memory_format=mf).requires_grad_()
+def run():
+    net.zero_grad(set_to_none=True)
+    x.grad = None
+    net(x).sum().backward()
+    return torch.zeros(0)
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="needs /proc and glibc malloc")
+@pytest.mark.parametrize("memory_format", ["channels_last", "contiguous_format"])
+def test_meta_estimate_matches_real_cpu_peak(memory_format):
+    """3 x (conv3x3 + ReLU), 8 -> 64 -> 64 -> 64 channels, batch 2, 192 x 192, fp32, fwd+bwd.
+
+    Measured (torch 2.14.1 CPU, 2 threads): the tracker on meta gives 75.6 MB beyond params and
+    input in both layouts. Real peak-RSS increase: channels_last 73.2 MB (tracker +3.4 %);
+    NCHW 110.7 MB, because oneDNN reorders NCHW tensors to a blocked layout inside the conv
+    kernels, below the dispatcher; with the ``onednn_conv_scratch`` model the tracker gives
+    113.4 MB (+2.5 %).
+    """
+    code = _VALIDATION_NET.format(memory_format=memory_format)
+    ns: dict = {}
+    exec(code, ns)
+    net = ns["net"].to("meta")
+    x = ns["x"].detach().to("meta").requires_grad_()
+
+    def step():
+        net.zero_grad(set_to_none=True)
+        x.grad = None
+        net(x).sum().backward()
+
+    scratch = onednn_conv_scratch if memory_format == "contiguous_format" else None
+    estimate = peak_memory(step, device=None, scratch=scratch)["peak_allocated_bytes"]
+    plain = peak_memory(step, device=None)["peak_allocated_bytes"]
+    assert plain == 75_645_192  # saved activations + grads: layout-independent
+    real = _measure_extra_memory(code)
+    assert 50e6 < real < 200e6
+    assert abs(estimate - real) <= 0.15 * real, (estimate, real)

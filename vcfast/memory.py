@@ -1,0 +1,315 @@
+"""Live tensor memory tracking: the core of the VRAM estimator (issue 5, section 4).
+
+:class:`LiveBytesTracker` is a ``TorchDispatchMode`` that sees every aten op (forward, autograd's
+backward, optimizer steps) and counts the bytes of the tensor *storages* those ops create, each
+storage once, until the storage is freed. It works on the ``meta`` device, where no memory is
+used, so a paper-size model at batch 16 can be "run" on a laptop::
+
+    model = build().to("meta")
+    x = torch.empty(16, 1, 256, 256, device="meta")
+    with LiveBytesTracker(baseline_bytes=tensor_bytes(model, x)) as t:
+        with t.phase("forward"):
+            loss = model(x).sum()
+        with t.phase("backward"):
+            loss.backward()
+    t.peak_bytes, t.phase_peaks
+
+How storages are followed: ``tensor.untyped_storage()`` returns one stable Python object per
+storage for as long as the storage lives (PyTorch's PyObject preservation: when Python lets go of
+the object while C++ still holds the storage, e.g. in an autograd saved tensor, the object is kept
+alive and handed back later). A ``weakref.finalize`` on that object therefore fires exactly when
+the storage itself is freed. The storage's C++ address (``_cdata``) is the key, so one storage
+seen through many tensors (views, in-place results, ``out=``) is counted once.
+
+What is counted: the storages ops return. An output whose storage is one of the op's input
+storages (views, in-place ops, ``out=``) allocates nothing. Not seen: scratch memory a kernel
+allocates below the dispatcher (e.g. oneDNN/cuDNN workspaces) and allocator rounding/caching;
+``round_to`` (e.g. 512 for CUDA's caching allocator) approximates the latter.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import threading
+import weakref
+from collections.abc import Callable, Iterable, Iterator
+from typing import Any
+
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_leaves
+
+__all__ = ["LiveBytesTracker", "onednn_conv_scratch", "peak_memory", "tensor_bytes"]
+
+
+def _storage(t: torch.Tensor):
+    try:
+        return t.untyped_storage()
+    except (RuntimeError, NotImplementedError):  # sparse, nested, some subclasses
+        return None
+
+
+def _iter_tensors(obj: Any) -> Iterator[torch.Tensor]:
+    if isinstance(obj, torch.Tensor):
+        yield obj
+    elif isinstance(obj, torch.nn.Module):
+        yield from obj.parameters()
+        yield from obj.buffers()
+        for p in obj.parameters():
+            if p.grad is not None:
+                yield p.grad
+    elif isinstance(obj, dict):
+        for v in obj.values():
+            yield from _iter_tensors(v)
+    elif isinstance(obj, Iterable) and not isinstance(obj, (str, bytes)):
+        for v in obj:
+            yield from _iter_tensors(v)
+
+
+def tensor_bytes(*objs: Any) -> int:
+    """Bytes of the distinct storages behind tensors, modules (parameters, buffers and existing
+    ``.grad``), or nested lists/tuples/dicts of them. Shared storages count once."""
+    seen: set[int] = set()
+    total = 0
+    for t in _iter_tensors(objs):
+        s = _storage(t)
+        if s is None:
+            total += t.numel() * t.element_size()
+            continue
+        if s._cdata not in seen:
+            seen.add(s._cdata)
+            total += s.nbytes()
+    return total
+
+
+class LiveBytesTracker(TorchDispatchMode):
+    """Track the bytes of live tensor storages allocated by aten ops while the mode is active.
+
+    ``baseline_bytes``: memory that exists before (parameters, inputs; see :func:`tensor_bytes`);
+    it is included in ``current_bytes`` and ``peak_bytes``. ``round_to``: round each storage up to
+    a multiple of this many bytes (1 = exact; 512 mimics CUDA's caching allocator).
+    ``scratch``: optional ``scratch(func, args, kwargs, out) -> bytes`` modelling memory an op's
+    kernel allocates and frees internally (invisible to the dispatcher); it counts toward the
+    peak on top of the live bytes right after the op, e.g. :func:`onednn_conv_scratch`.
+
+    Storages created while active stay counted until they are freed, even after the mode exits.
+    """
+
+    def __init__(self, baseline_bytes: int = 0, round_to: int = 1,
+                 scratch: Callable[..., int] | None = None):
+        super().__init__()
+        self.scratch = scratch
+        self.baseline_bytes = int(baseline_bytes)
+        self.round_to = max(1, int(round_to))
+        self._live: dict[int, int] = {}  # storage _cdata -> counted bytes
+        self._allocated = 0  # live bytes of tracked storages
+        self._peak_allocated = 0
+        self._phases: dict[str, int] = {}  # name -> peak allocated bytes seen in the phase
+        self._active_phases: list[str] = []
+        self._lock = threading.Lock()
+        self.num_allocations = 0
+
+    # -- results -----------------------------------------------------------------------------
+    @property
+    def current_bytes(self) -> int:
+        """Baseline plus the bytes of tracked storages still alive."""
+        return self.baseline_bytes + self._allocated
+
+    @property
+    def peak_bytes(self) -> int:
+        """Baseline plus the largest live total of tracked storages so far."""
+        return self.baseline_bytes + self._peak_allocated
+
+    @property
+    def peak_allocated_bytes(self) -> int:
+        """``peak_bytes`` minus the baseline: the most memory the tracked ops held at once."""
+        return self._peak_allocated
+
+    @property
+    def phase_peaks(self) -> dict[str, int]:
+        """Peak ``current_bytes`` (baseline included) within each named phase, in entry order."""
+        return {k: self.baseline_bytes + v for k, v in self._phases.items()}
+
+    def reset_peak(self) -> None:
+        """Restart the peak from the present live total (as ``torch.cuda.reset_peak_memory_stats``)."""
+        self._peak_allocated = self._allocated
+
+    @contextlib.contextmanager
+    def phase(self, name: str):
+        """Record the peak live bytes between entering and leaving. Phases may nest; re-entering a
+        name keeps the maximum over all its entries."""
+        with self._lock:
+            self._phases[name] = max(self._phases.get(name, 0), self._allocated)
+            self._active_phases.append(name)
+        try:
+            yield self
+        finally:
+            with self._lock:
+                self._active_phases.remove(name)
+
+    # -- bookkeeping -------------------------------------------------------------------------
+    def _free(self, key: int) -> None:
+        with self._lock:
+            nbytes = self._live.pop(key, None)
+            if nbytes is not None:
+                self._allocated -= nbytes
+
+    def _add(self, storage) -> None:
+        key = storage._cdata
+        nbytes = storage.nbytes()
+        if self.round_to > 1:
+            nbytes = -(-nbytes // self.round_to) * self.round_to
+        with self._lock:
+            if key in self._live:
+                return
+            self._live[key] = nbytes
+            self._allocated += nbytes
+            self.num_allocations += 1
+            if self._allocated > self._peak_allocated:
+                self._peak_allocated = self._allocated
+            for name in self._active_phases:
+                if self._allocated > self._phases[name]:
+                    self._phases[name] = self._allocated
+        weakref.finalize(storage, self._free, key)
+
+    def _transient(self, nbytes: int) -> None:
+        with self._lock:
+            level = self._allocated + nbytes
+            if level > self._peak_allocated:
+                self._peak_allocated = level
+            for name in self._active_phases:
+                if level > self._phases[name]:
+                    self._phases[name] = level
+
+    def _resize(self, storage) -> None:
+        """A tracked storage resized in place (``resize_``, ``out=`` growth): adjust its count."""
+        key = storage._cdata
+        nbytes = storage.nbytes()
+        if self.round_to > 1:
+            nbytes = -(-nbytes // self.round_to) * self.round_to
+        with self._lock:
+            old = self._live.get(key)
+            if old is None or old == nbytes:
+                return
+            self._live[key] = nbytes
+            self._allocated += nbytes - old
+            if self._allocated > self._peak_allocated:
+                self._peak_allocated = self._allocated
+            for name in self._active_phases:
+                if self._allocated > self._phases[name]:
+                    self._phases[name] = self._allocated
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        inputs = set()
+        for t in tree_leaves((args, kwargs)):
+            if isinstance(t, torch.Tensor):
+                s = _storage(t)
+                if s is not None:
+                    inputs.add(s._cdata)
+        out = func(*args, **kwargs)
+        for t in tree_leaves(out):
+            if not isinstance(t, torch.Tensor):
+                continue
+            s = _storage(t)
+            if s is None:
+                continue
+            if s._cdata in inputs:
+                self._resize(s)  # view / in-place / out=: no new storage, maybe grown
+            else:
+                self._add(s)
+        if self.scratch is not None:
+            extra = int(self.scratch(func, args, kwargs, out) or 0)
+            if extra > 0:
+                self._transient(extra)
+        return out
+
+
+def _nbytes(t: Any) -> int:
+    return t.numel() * t.element_size() if isinstance(t, torch.Tensor) else 0
+
+
+def onednn_conv_scratch(func, args, kwargs, out) -> int:
+    """Scratch model of PyTorch's CPU (oneDNN) convolutions on contiguous (NCHW) tensors.
+
+    Measured on torch 2.14 CPU (fresh process, glibc trimming as in ``bench/conftest.py``, 3x3
+    convs, batch 2, 64-128 channels, 64-128 px): ``aten.convolution`` holds about
+    max(input, output) bytes of reordered copies, ``aten.convolution_backward`` about
+    input + grad_output bytes. Channels-last input or weight: no reorder, ~0 scratch, so this
+    returns 0. Other ops: 0.
+    """
+    name = getattr(func, "__name__", "")
+    if not name.startswith(("convolution.", "convolution_backward.")) or func.namespace != "aten":
+        return 0
+    if name.startswith("convolution."):
+        x, w = args[0], args[1]
+        return 0 if _channels_last(x, w) else max(_nbytes(x), _nbytes(out))
+    grad_out, x, w = args[0], args[1], args[2]
+    return 0 if _channels_last(x, w) else _nbytes(grad_out) + _nbytes(x)
+
+
+def _channels_last(x: torch.Tensor, w: torch.Tensor) -> bool:
+    # As PyTorch's CPU conv: channels-last if the input or the weight is. (Meta kernels may
+    # return contiguous outputs where CPU returns channels-last ones, so the weight decides too.)
+    def cl(t):
+        return (isinstance(t, torch.Tensor) and t.dim() == 4 and t.size(1) > 1
+                and t.is_contiguous(memory_format=torch.channels_last)
+                and not t.is_contiguous())
+    return cl(x) or cl(w)
+
+
+def _to_device(obj: Any, device: torch.device) -> Any:
+    if isinstance(obj, torch.nn.Module):
+        if all(t.device == device for t in _iter_tensors(obj)):
+            return obj
+        return copy.deepcopy(obj).to(device) if device.type == "meta" else obj.to(device)
+    if isinstance(obj, torch.Tensor):
+        if obj.device == device:
+            return obj
+        if device.type == "meta":
+            moved = torch.empty_strided(obj.shape, obj.stride(), dtype=obj.dtype, device=device)
+        else:
+            moved = obj.detach().to(device)
+        return moved.requires_grad_(obj.requires_grad)
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(_to_device(v, device) for v in obj)
+    if isinstance(obj, dict):
+        return {k: _to_device(v, device) for k, v in obj.items()}
+    return obj
+
+
+def peak_memory(fn: Callable, *args: Any, device: str | torch.device | None = "meta",
+                round_to: int = 1, scratch: Callable[..., int] | None = None,
+                **kwargs: Any) -> dict:
+    """Run ``fn(*args, **kwargs)`` under a :class:`LiveBytesTracker` and report its memory.
+
+    ``device``: tensors and modules among ``fn`` (if it is a module) and ``args`` are moved there
+    first (to ``meta`` by default: shapes only, no memory; a module is copied, the caller's stays
+    as it is). ``None`` leaves everything where it is. For per-phase peaks use
+    :class:`LiveBytesTracker` directly.
+
+    Returns a dict: ``peak_bytes`` (baseline included), ``baseline_bytes`` (module state and
+    tensor args), ``peak_allocated_bytes`` (beyond the baseline), ``end_bytes`` (live when ``fn``
+    returned, its output included), ``output_bytes``, ``num_allocations``.
+    """
+    if device is not None:
+        device = torch.device(device)
+        if isinstance(fn, torch.nn.Module):
+            fn = _to_device(fn, device)
+        args = _to_device(args, device)
+        kwargs = _to_device(kwargs, device)
+    baseline = tensor_bytes(fn if isinstance(fn, torch.nn.Module) else (), args, kwargs)
+    tracker = LiveBytesTracker(baseline_bytes=baseline, round_to=round_to, scratch=scratch)
+    with tracker:
+        out = fn(*args, **kwargs)
+    result = {
+        "peak_bytes": tracker.peak_bytes,
+        "baseline_bytes": baseline,
+        "peak_allocated_bytes": tracker.peak_allocated_bytes,
+        "end_bytes": tracker.current_bytes,
+        "output_bytes": tensor_bytes(out),
+        "num_allocations": tracker.num_allocations,
+    }
+    del out
+    return result
