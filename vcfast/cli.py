@@ -3,6 +3,7 @@
     vcfast info                         which kernels were built and can run here
     vcfast demo [--out DIR]             spectrogram round trip on a synthetic utterance
     vcfast roundtrip IN.wav OUT.wav     wave -> log-spectrogram -> Griffin-Lim -> wave
+    vcfast memory --batch 16            memory of one StarGAN-VC training iteration
 
 The demo is what the README's first command runs: it exercises the fused spectrogram op
 (against the torch.stft reference), the Griffin-Lim inverse and the audio I/O, and writes a
@@ -155,6 +156,35 @@ def cmd_roundtrip(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_memory(args: argparse.Namespace) -> int:
+    from vcfast.estimate import estimate_iteration, largest_batches
+
+    gib = 2**30
+    print(f"one training iteration ({args.n_critic} D steps with gradient penalty + 1 G step), paper-size "
+          f"StarGAN, batch {args.batch}, {args.dtype}, 1x{args.image_size}x{args.image_size}; "
+          "estimated on the meta device (tensor bytes; no allocator rounding or kernel workspaces)")
+    results = {impl: estimate_iteration(args.batch, implementation=impl, dtype=args.dtype,
+                                        image_size=args.image_size, n_critic=args.n_critic)
+               for impl in ("reference", "vcfast")}
+    print(f"{'':34}{'reference (official)':>22}{'vcfast':>10}")
+    rows = [("weights + grads + optimizer", "baseline_bytes", None),
+            ("D step peak", "phases", "d_step"), ("G step peak", "phases", "g_step"),
+            ("iteration peak", "peak_bytes", None)]
+    for label, key, sub in rows:
+        ref = results["reference"][key] if sub is None else results["reference"][key][sub]
+        lean = results["vcfast"][key] if sub is None else results["vcfast"][key][sub]
+        print(f"{label:34}{ref / gib:>19.2f} GiB{lean / gib:>6.2f} GiB")
+    if args.fits:
+        budgets = [int(float(g) * gib) for g in args.fits.split(",")]
+        fits = {impl: largest_batches(budgets, implementation=impl, dtype=args.dtype,
+                                      image_size=args.image_size, n_critic=args.n_critic)
+                for impl in ("reference", "vcfast")}
+        print(f"\n{'largest batch that fits':34}{'reference (official)':>22}{'vcfast':>10}")
+        for budget in budgets:
+            print(f"{budget / gib:>10.0f} GiB{'':20}{fits['reference'][budget]:>22}{fits['vcfast'][budget]:>10}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="vcfast", description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -165,6 +195,14 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--n-iter", type=int, default=32, help="Griffin-Lim iterations (default 32)")
     demo.add_argument("--seed", type=int, default=0)
     demo.set_defaults(func=cmd_demo)
+    mem = sub.add_parser("memory", help="memory of one StarGAN-VC training iteration, official vs vcfast")
+    mem.add_argument("--batch", type=int, default=16)
+    mem.add_argument("--dtype", default="fp32", choices=["fp32", "bf16", "fp16"])
+    mem.add_argument("--image-size", type=int, default=256)
+    mem.add_argument("--n-critic", type=int, default=5, help="D steps per G step (default 5)")
+    mem.add_argument("--fits", default="6,8,12,24",
+                     help="GiB budgets for the largest-batch table ('' to skip; default 6,8,12,24)")
+    mem.set_defaults(func=cmd_memory)
     rt = sub.add_parser("roundtrip", help="wave -> spectrogram -> Griffin-Lim -> wave")
     rt.add_argument("input")
     rt.add_argument("output")
