@@ -23,17 +23,7 @@ Offsets are int64 (program ids widened before multiplying).
 import triton
 import triton.language as tl
 
-
-@triton.jit
-def _to_output(v, out_ptr, EMULATE_BF16_RNE: tl.constexpr):
-    if EMULATE_BF16_RNE:
-        b = v.to(tl.uint32, bitcast=True)
-        rounded = (b + 0x7FFF + ((b >> 16) & 1)) >> 16
-        rounded = tl.where(v != v, 0x7FC0, rounded)
-        r = rounded.to(tl.uint16).to(tl.bfloat16, bitcast=True)
-    else:
-        r = v.to(out_ptr.dtype.element_ty)
-    return r
+from vcfast.kernels._common import to_output as _to_output
 
 
 @triton.jit

@@ -28,6 +28,8 @@ than 2**31 elements are safe.
 import triton
 import triton.language as tl
 
+from vcfast.kernels._common import to_output as _to_output
+
 
 @triton.jit
 def _load_slope(slope, slope_ptr, IS_FP64: tl.constexpr):
@@ -36,22 +38,6 @@ def _load_slope(slope, slope_ptr, IS_FP64: tl.constexpr):
     else:
         s = slope
     return s
-
-
-@triton.jit
-def _to_output(v, out_ptr, EMULATE_BF16_RNE: tl.constexpr):
-    """v (float32 / float64) cast to out_ptr's element type, rounding to nearest even."""
-    if EMULATE_BF16_RNE:
-        # bf16 = upper 16 bits of fp32, rounded: add 0x7FFF plus the lowest kept bit (ties to
-        # even), then drop the low half. NaN is handled apart (the add could carry into the
-        # sign bit of a NaN with a full mantissa).
-        b = v.to(tl.uint32, bitcast=True)
-        rounded = (b + 0x7FFF + ((b >> 16) & 1)) >> 16
-        rounded = tl.where(v != v, 0x7FC0, rounded)
-        r = rounded.to(tl.uint16).to(tl.bfloat16, bitcast=True)
-    else:
-        r = v.to(out_ptr.dtype.element_ty)
-    return r
 
 
 @triton.jit

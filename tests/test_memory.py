@@ -1,15 +1,17 @@
 """LiveBytesTracker: exact live-storage accounting, meta == CPU, and validation against real RSS."""
 
-import json
-import os
-import subprocess
 import sys
-import textwrap
 
 import pytest
 import torch
 
-from vcfast.memory import LiveBytesTracker, onednn_conv_scratch, peak_memory, tensor_bytes
+from vcfast.memory import (
+    LiveBytesTracker,
+    measure_process_peak,
+    onednn_conv_scratch,
+    peak_memory,
+    tensor_bytes,
+)
 
 
 def test_elementwise_peak_exact():
@@ -134,43 +136,10 @@ def test_round_to():
 
 
 # --- validation against real memory ------------------------------------------------------------
-# Same method as bench/conftest.py (copied, not imported): a fresh process, glibc told to return
-# freed memory at once, baseline = resident size after a warm-up call lifted to the high-water
-# mark by a touched ballast, peak = ru_maxrss.
-_MEASURE = textwrap.dedent(
-    """
-    import json, resource, gc
-    import torch
-    torch.set_num_threads(2)
-    setup = {{}}
-    exec({setup!r}, setup)
-    run = setup["run"]
-    out = run()
-    out_bytes = sum(t.numel() * t.element_size() for t in (out if isinstance(out, tuple) else (out,)))
-    del out
-    gc.collect()
-    page = resource.getpagesize()
-    def resident():
-        with open("/proc/self/statm") as f:
-            return int(f.read().split()[1]) * page
-    lifetime_peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-    gap = lifetime_peak - resident()
-    ballast = torch.ones(gap // 4 + 4096) if gap > 0 else None
-    baseline = resident()
-    out = run()
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-    print(json.dumps({{"baseline": baseline, "peak": peak, "out_bytes": out_bytes}}))
-    """
-)
 
 
 def _measure_extra_memory(setup_code: str) -> int:
-    env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536", MALLOC_TRIM_THRESHOLD_="65536")
-    result = subprocess.run([sys.executable, "-c", _MEASURE.format(setup=setup_code)], env=env,
-                            capture_output=True, text=True, check=False)
-    assert result.returncode == 0, result.stderr[-3000:]
-    f = json.loads(result.stdout.strip().splitlines()[-1])
-    return max(0, f["peak"] - f["baseline"] - f["out_bytes"])
+    return measure_process_peak(setup_code, threads=2)["extra"]
 
 
 _VALIDATION_NET = """

@@ -30,6 +30,11 @@ allocates below the dispatcher (e.g. oneDNN/cuDNN workspaces) and allocator roun
 from __future__ import annotations
 
 import contextlib
+import textwrap
+import sys
+import subprocess
+import os
+import json
 import copy
 import threading
 import weakref
@@ -40,7 +45,7 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
-__all__ = ["LiveBytesTracker", "onednn_conv_scratch", "peak_memory", "tensor_bytes"]
+__all__ = ["LiveBytesTracker", "measure_process_peak", "onednn_conv_scratch", "peak_memory", "tensor_bytes"]
 
 
 def _storage(t: torch.Tensor):
@@ -313,3 +318,55 @@ def peak_memory(fn: Callable, *args: Any, device: str | torch.device | None = "m
     }
     del out
     return result
+
+
+# ---------------------------------------------------------------------------------------------
+# Real memory, for validating estimates and for the benchmarks
+
+_MEASURE = textwrap.dedent(
+    """
+    import json, resource, sys, gc
+    import torch
+    torch.set_num_threads({threads})
+    setup = {{}}
+    exec({setup!r}, setup)
+    run = setup["run"]
+    out = run()          # warm-up: plans, thread pools, lazily created buffers
+    out_bytes = sum(t.numel() * t.element_size() for t in (out if isinstance(out, tuple) else (out,)))
+    del out
+    gc.collect()
+    page = resource.getpagesize()
+    def resident():
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * page
+    # ru_maxrss cannot be reset and imports peak above the steady state, which would hide a
+    # smaller peak of the call. A touched ballast lifts the resident size to the high-water
+    # mark, so any allocation by the call raises the mark by exactly what it adds.
+    lifetime_peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    gap = lifetime_peak - resident()
+    ballast = torch.ones(gap // 4 + 4096) if gap > 0 else None
+    baseline = resident()
+    out = run()
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    print(json.dumps({{"baseline": baseline, "peak": peak, "out_bytes": out_bytes}}))
+    """
+)
+
+
+def measure_process_peak(setup_code: str, threads: int = 2) -> dict:
+    """Peak bytes a call allocates beyond its output, measured in a fresh process.
+
+    ``setup_code`` defines ``run()`` returning the output tensor(s). glibc is told to return
+    freed memory at once (else it keeps it and hides peaks); the baseline is the resident
+    size after a warm-up call (lifted to the high-water mark by a ballast), the peak is
+    ru_maxrss, so peak - baseline - output is the transient working memory of one call.
+    """
+    env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536", MALLOC_TRIM_THRESHOLD_="65536")
+    code = _MEASURE.format(threads=threads, setup=setup_code)
+    result = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
+                            check=False)
+    if result.returncode != 0:
+        raise RuntimeError(f"memory measurement failed:\n{result.stderr[-3000:]}")
+    figures = json.loads(result.stdout.strip().splitlines()[-1])
+    figures["extra"] = max(0, figures["peak"] - figures["baseline"] - figures["out_bytes"])
+    return figures
