@@ -52,3 +52,14 @@ def define_op(name: str, impl, *, use_triton_op: bool):
     """
     register = torch.library.triton_op if use_triton_op else torch.library.custom_op
     return register(name, impl, mutates_args=())
+
+
+def require_runnable(name: str, t: torch.Tensor, *, kernels: ModuleType | None,
+                     import_error: str | None, interpreted: bool, module: str, fallback: str) -> None:
+    """Raises a RuntimeError saying why op ``name`` cannot run on ``t`` here, if it cannot."""
+    if kernels is None:
+        raise RuntimeError(f"{name}: the Triton backend needs the triton package, which failed to "
+                           f"import ({import_error}); use {fallback}")
+    if t.device.type == "cpu" and not interpreted:
+        raise RuntimeError(f"{name}: CPU tensors need TRITON_INTERPRET=1 set before "
+                           f"vcfast.kernels.{module} is imported (the Triton interpreter)")

@@ -22,7 +22,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from vcfast.ops._triton import define_op, is_interpreted, load_kernels, triton
+from vcfast.ops._triton import define_op, is_interpreted, load_kernels, require_runnable, triton
 
 __all__ = ["label_table_add_triton", "label_table_grad_triton", "TRITON_IMPORT_ERROR", "USES_TRITON_OP"]
 
@@ -143,12 +143,9 @@ if _kernels is not None:
 
 
 def _require_triton(name: str, t: Tensor) -> None:
-    if _kernels is None:
-        raise RuntimeError(f"{name}: the Triton backend needs the triton package, which failed to "
-                           f"import ({TRITON_IMPORT_ERROR}); use vcfast.ops.label_conv")
-    if t.device.type == "cpu" and not _kernels_interpreted():
-        raise RuntimeError(f"{name}: CPU tensors need TRITON_INTERPRET=1 set before "
-                           "vcfast.kernels.label_conv is imported (the Triton interpreter)")
+    require_runnable(name, t, kernels=_kernels, import_error=TRITON_IMPORT_ERROR,
+                     interpreted=_kernels_interpreted(), module="label_conv",
+                     fallback="vcfast.ops.label_conv")
 
 
 def label_table_add_triton(conv_out: Tensor, table: Tensor, row_ids: Tensor, col_ids: Tensor) -> Tensor:

@@ -30,7 +30,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from vcfast.ops._triton import define_op, is_interpreted, load_kernels, triton
+from vcfast.ops._triton import define_op, is_interpreted, load_kernels, require_runnable, triton
 
 __all__ = [
     "norm_relu_forward_triton",
@@ -146,13 +146,9 @@ if _kernels is not None:
 
 
 def _require_triton(name: str, t: Tensor) -> None:
-    if _kernels is None:
-        raise RuntimeError(f"{name}: the Triton backend needs the triton package, which failed to "
-                           f"import ({TRITON_IMPORT_ERROR}); use vcfast.ops.norm_act."
-                           f"{name.removesuffix('_triton')} (reference)")
-    if t.device.type == "cpu" and not _kernels_interpreted():
-        raise RuntimeError(f"{name}: CPU tensors need TRITON_INTERPRET=1 set before "
-                           "vcfast.kernels.norm_act is imported (the Triton interpreter)")
+    require_runnable(name, t, kernels=_kernels, import_error=TRITON_IMPORT_ERROR,
+                     interpreted=_kernels_interpreted(), module="norm_act",
+                     fallback=f"vcfast.ops.norm_act.{name.removesuffix('_triton')} (reference)")
 
 
 def _affine(gamma, beta, z):

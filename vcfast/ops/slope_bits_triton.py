@@ -41,8 +41,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from vcfast.ops._triton import define_op, is_interpreted, load_kernels, require_runnable, triton
 
-from vcfast.ops._triton import define_op, is_interpreted, load_kernels, triton
 __all__ = [
     "leaky_relu_with_bits_triton",
     "scale_by_slope_bits_triton",
@@ -235,13 +235,10 @@ if _kernels is not None:
 
 
 def _require_triton(name: str, t: Tensor) -> None:
-    if _kernels is None:
-        raise RuntimeError(f"{name}: the Triton backend needs the triton package, which failed to "
-                           f"import ({TRITON_IMPORT_ERROR}); use vcfast.ops.slope_bits."
-                           f"{name.removesuffix('_triton')} (C++ CPU op or reference)")
-    if t.device.type == "cpu" and not _kernels_interpreted():
-        raise RuntimeError(f"{name}: CPU tensors need TRITON_INTERPRET=1 set before "
-                           "vcfast.kernels.slope_bits is imported (the Triton interpreter)")
+    require_runnable(name, t, kernels=_kernels, import_error=TRITON_IMPORT_ERROR,
+                     interpreted=_kernels_interpreted(), module="slope_bits",
+                     fallback=f"vcfast.ops.slope_bits.{name.removesuffix('_triton')} "
+                              "(C++ CPU op or reference)")
 
 
 def leaky_relu_with_bits_triton(z: Tensor, negative_slope: float) -> tuple[Tensor, Tensor]:
