@@ -1,4 +1,4 @@
-"""Data pipeline: audio I/O, SPEC §2 cropping, synthetic test audio."""
+"""Data pipeline: audio I/O, SPEC §2 cropping, corpora, StarGAN training pairs, test audio."""
 
 from .audio import (
     CROP_SAMPLES,
@@ -12,6 +12,8 @@ from .audio import (
     random_crop,
     save_audio,
 )
+from .corpus import Corpus, Utterance, demo_corpus_dir, load_corpus
+from .dataset import StarGANPairDataset, make_loader
 from .synth import synthetic_speech
 
 __all__ = [
@@ -26,4 +28,10 @@ __all__ = [
     "load_crop",
     "save_audio",
     "synthetic_speech",
+    "Utterance",
+    "Corpus",
+    "load_corpus",
+    "demo_corpus_dir",
+    "StarGANPairDataset",
+    "make_loader",
 ]
