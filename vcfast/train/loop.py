@@ -1,0 +1,766 @@
+"""The StarGAN-VC training loop (SPEC §5) with logs, samples, evaluation and exact resume.
+
+One G step ("step" everywhere here) = ``n_critic`` D updates, each on a fresh batch, then one
+G update on the last of those batches:
+
+* D: ``-mean D_src(x_real) + mean D_src(G(x_real, c')) + lambda_gp * GP +
+  lambda_cls * BCE(D_cls(x_real), c_real)``, GP the lean (no double backward) penalty on
+  ``eps * x_orig + (1 - eps) * x_fake``;
+* G: ``-mean D_src(x_fake) + lambda_cls * BCE(D_cls(x_fake), c') +
+  lambda_rec * MSE(G(x_fake, c_real), x_real) + lambda_id * MSE(G(x_real, c_real), x_real) +
+  lambda_fm * MSE(D_feat(x_fake), D_feat(x_orig))``, the identity term back-propagated on its
+  own first so its graph is freed before the rest is built.
+
+c' is the label set of x_orig (the dataset's pairing). Exact resume: the data order is a
+pure function of (seed, epoch, batch index), and a checkpoint holds every RNG state, the
+optimiser states and the data position, so 2 steps + resume + 2 steps equals 4 steps.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import resource
+import time
+import warnings
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from vcfast.data import Corpus, StarGANPairDataset, make_loader, save_audio
+from vcfast.labels import LabelSpace
+from vcfast.ops.classification import masked_multigroup_bce
+from vcfast.ops.gradient_penalty import gradient_penalty
+from vcfast.ops.inverse import spectrogram_to_wave
+from vcfast.train.checkpoint import (
+    CheckpointError,
+    capture_rng_state,
+    checkpoint_name,
+    latest_checkpoint,
+    load_training_state,
+    load_weights,
+    read_state,
+    restore_rng_state,
+    save_checkpoint,
+    write_atomically,
+)
+from vcfast.train.config import OPTIMIZERS, RESUME_CRITICAL_FIELDS, TrainConfig
+from vcfast.train.evaluate import evaluate, flatten_metrics
+from vcfast.train.logs import CsvLog, ScalarWriter, save_spectrogram_png
+from vcfast.train.models import build_models, model_spectrogram, spectrogram_overrides
+
+__all__ = ["LOSS_COLUMNS", "resolve_device", "train"]
+
+#: Loss components logged per step (D terms from the step's last D update).
+LOSS_COLUMNS = [
+    "d_loss",
+    "d_adv",
+    "d_cls",
+    "d_gp",
+    "g_loss",
+    "g_adv",
+    "g_cls",
+    "g_rec",
+    "g_id",
+    "g_fm",
+]
+_TIMING_COLUMNS = ["seconds_per_step", "steps_per_s", "samples_per_s", "elapsed_s"]
+_GRIFFIN_LIM_ITERATIONS = 32
+
+
+def resolve_device(name: str) -> torch.device:
+    """``"auto"`` -> CUDA when available, else CPU; anything else is checked and returned."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError as exc:
+        raise ValueError(f"device {name!r} is not a torch device ({exc})") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(
+            f"device {name!r} was asked for but CUDA is not available here; use 'cpu' or 'auto'"
+        )
+    return device
+
+
+# ---------------------------------------------------------------------------------------------
+# Data
+
+
+class _BatchStream:
+    """Batches in the order fixed by (seed, epoch, batch index), from any position.
+
+    Each epoch's order comes from :func:`make_loader`; the loader actually iterated is
+    rebuilt over the epoch's remaining batches with its own seeded generator, so starting
+    mid-epoch loads nothing twice and creating it draws nothing from the global RNG
+    (DataLoader otherwise draws its worker base seed from it, which would shift every
+    later random number after a resume).
+    """
+
+    def __init__(
+        self,
+        dataset: StarGANPairDataset,
+        config: TrainConfig,
+        epoch: int,
+        batch_index: int,
+        pin_memory: bool,
+    ) -> None:
+        self.dataset = dataset
+        self.config = config
+        self.epoch = epoch
+        self.batch_index = batch_index
+        self.pin_memory = pin_memory
+        self._iterator: Iterator | None = None
+
+    def _open_epoch(self) -> None:
+        order_loader = make_loader(
+            self.dataset,
+            self.config.batch_size,
+            workers=self.config.workers,
+            seed=self.config.seed,
+            epoch=self.epoch,
+            drop_last=True,
+        )
+        batches = list(order_loader.batch_sampler)
+        if not batches:
+            raise ValueError(f"the training set yields no batch of {self.config.batch_size}")
+        if self.batch_index >= len(batches):  # a checkpoint taken exactly at an epoch's end
+            self.epoch, self.batch_index = self.epoch + 1, 0
+            return self._open_epoch()
+        loader = torch.utils.data.DataLoader(
+            self.dataset,
+            batch_sampler=batches[self.batch_index :],
+            num_workers=order_loader.num_workers,
+            worker_init_fn=order_loader.worker_init_fn,
+            pin_memory=self.pin_memory,
+            generator=torch.Generator().manual_seed(self.config.seed * 1_000_003 + self.epoch),
+        )
+        self._iterator = iter(loader)
+
+    def next(self) -> dict[str, torch.Tensor]:
+        """The next batch; advances (epoch, batch_index)."""
+        while True:
+            if self._iterator is None:
+                self._open_epoch()
+            try:
+                batch = next(self._iterator)
+            except StopIteration:
+                self._iterator = None
+                self.epoch, self.batch_index = self.epoch + 1, 0
+                continue
+            self.batch_index += 1
+            return batch
+
+    def close(self) -> None:
+        """Stop loader workers (if any)."""
+        self._iterator = None
+
+
+@dataclass
+class _Batch:
+    x_real: torch.Tensor
+    x_orig: torch.Tensor
+    labels_real: torch.Tensor
+    labels_orig: torch.Tensor
+
+
+def _to_spectrograms(
+    batch: dict[str, torch.Tensor], device: torch.device, image_size: int
+) -> _Batch:
+    """Waves -> [B, 1, image_size, image_size] spectrograms on the training device."""
+    wave_real = batch["wave_real"].to(device, non_blocking=True)
+    wave_orig = batch["wave_orig"].to(device, non_blocking=True)
+    return _Batch(
+        x_real=model_spectrogram(wave_real, image_size),
+        x_orig=model_spectrogram(wave_orig, image_size),
+        labels_real=batch["labels_real"].to(device),
+        labels_orig=batch["labels_orig"].to(device),
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# One step
+
+
+def _discriminate(
+    discriminator, x: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(src, cls, feature) with the trunk run once (StarGAN's D exposes its two heads)."""
+    if hasattr(discriminator, "conv1") and hasattr(discriminator, "conv2"):
+        feature = discriminator.features(x)
+        return discriminator.conv1(feature), discriminator.conv2(feature).flatten(1), feature
+    src, cls = discriminator(x)
+    return src, cls, discriminator.features(x)
+
+
+class _Stepper:
+    """The SPEC §5 losses and updates for one (G, D) pair."""
+
+    def __init__(
+        self,
+        config: TrainConfig,
+        generator,
+        discriminator,
+        opt_g,
+        opt_d,
+        label_space: LabelSpace,
+        device: torch.device,
+    ) -> None:
+        self.config = config
+        self.generator = generator
+        self.discriminator = discriminator
+        self.opt_g = opt_g
+        self.opt_d = opt_d
+        self.label_space = label_space
+        self.sizes = label_space.sizes
+        self.device = device
+
+    def autocast(self):
+        """bf16 autocast when asked for (the losses themselves are computed in fp32)."""
+        return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.config.bf16)
+
+    def d_step(self, batch: _Batch) -> dict[str, float]:
+        """One critic update on ``batch``."""
+        cfg, G, D = self.config, self.generator, self.discriminator
+        c_target = self.label_space.generator_input(batch.labels_orig, device=self.device)
+        t_real = self.label_space.classifier_target(batch.labels_real, device=self.device)
+        self.opt_d.zero_grad(set_to_none=True)
+        with torch.no_grad(), self.autocast():
+            x_fake = G(batch.x_real, c_target)
+        x_fake = x_fake.float()
+        with self.autocast():
+            src_real, cls_real = D(batch.x_real)
+            src_fake, _ = D(x_fake)
+        adv = -src_real.float().mean() + src_fake.float().mean()
+        cls = masked_multigroup_bce(cls_real.float(), t_real, self.sizes)
+        loss = adv + cfg.lambda_cls * cls
+        gp = torch.zeros((), device=self.device)
+        if cfg.lambda_gp > 0:
+            with self.autocast():
+                gp = gradient_penalty(D, batch.x_orig, x_fake, weight=cfg.lambda_gp, mode="lean")
+            loss = loss + gp
+        loss.backward()
+        self.opt_d.step()
+        return {
+            "d_loss": loss.item(),
+            "d_adv": adv.item(),
+            "d_cls": cls.item(),
+            "d_gp": float(gp.item()),
+        }
+
+    def g_step(self, batch: _Batch) -> dict[str, float]:
+        """One generator update on ``batch`` (D frozen: no weight gradients computed for it)."""
+        cfg, G, D = self.config, self.generator, self.discriminator
+        c_real = self.label_space.generator_input(batch.labels_real, device=self.device)
+        c_target = self.label_space.generator_input(batch.labels_orig, device=self.device)
+        t_target = self.label_space.classifier_target(batch.labels_orig, device=self.device)
+        self.opt_g.zero_grad(set_to_none=True)
+        D.requires_grad_(False)
+        try:
+            # Identity first, on its own graph: backward frees it before the main graph exists.
+            with torch.set_grad_enabled(cfg.lambda_id > 0), self.autocast():
+                x_id = G(batch.x_real, c_real)
+            identity = F.mse_loss(x_id.float(), batch.x_real)
+            if cfg.lambda_id > 0:
+                (cfg.lambda_id * identity).backward()
+            del x_id
+            with self.autocast():
+                x_fake = G(batch.x_real, c_target)
+                src_fake, cls_fake, feature_fake = _discriminate(D, x_fake)
+                x_rec = G(x_fake, c_real)
+                with torch.no_grad():
+                    feature_orig = D.features(batch.x_orig)
+            adv = -src_fake.float().mean()
+            cls = masked_multigroup_bce(cls_fake.float(), t_target, self.sizes)
+            rec = F.mse_loss(x_rec.float(), batch.x_real)
+            fm = F.mse_loss(feature_fake.float(), feature_orig.float())
+            loss = adv + cfg.lambda_cls * cls + cfg.lambda_rec * rec + cfg.lambda_fm * fm
+            loss.backward()
+            self.opt_g.step()
+        finally:
+            D.requires_grad_(True)
+        return {
+            "g_loss": loss.item() + cfg.lambda_id * identity.item(),
+            "g_adv": adv.item(),
+            "g_cls": cls.item(),
+            "g_rec": rec.item(),
+            "g_id": identity.item(),
+            "g_fm": fm.item(),
+        }
+
+
+def _make_optimizer(config: TrainConfig, params) -> torch.optim.Optimizer:
+    _, extra = OPTIMIZERS[config.optimizer]
+    lr = config.learning_rate
+    if config.optimizer == "rmsprop":
+        return torch.optim.RMSprop(params, lr=lr, **extra)
+    return torch.optim.Adam(params, lr=lr, **extra)
+
+
+# ---------------------------------------------------------------------------------------------
+# Samples
+
+
+@contextlib.contextmanager
+def _isolated_rng():
+    """Run side work (samples, evaluation) without moving the training RNG streams."""
+    state = capture_rng_state()
+    try:
+        yield
+    finally:
+        restore_rng_state(state)
+
+
+class _Sampler:
+    """A fixed (source, target) pair rendered every ``sample_every`` steps: PNG + WAV."""
+
+    def __init__(
+        self,
+        corpus: Corpus,
+        label_space: LabelSpace,
+        seed: int,
+        out_dir: Path,
+        device: torch.device,
+        image_size: int,
+    ):
+        self.image_size = image_size
+        item = StarGANPairDataset(corpus, seed=seed, items_per_epoch=1)[0]
+        self.wave = item["wave_real"]
+        self.labels_real = item["labels_real"][None]
+        self.labels_orig = item["labels_orig"][None]
+        self.label_space = label_space
+        self.out_dir = out_dir
+        self.device = device
+        self.source_name = self._describe(self.labels_real)
+        self.target_name = self._describe(self.labels_orig)
+
+    def _describe(self, labels: torch.Tensor) -> str:
+        names = self.label_space.to_dicts(labels)[0]
+        return ", ".join(
+            f"{group}={value if value is not None else '?'}" for group, value in names.items()
+        )
+
+    @torch.no_grad()
+    def render(self, generator, step: int, bf16: bool) -> tuple[Path | None, Path]:
+        """Write samples/step_XXXXXXXX.{png,wav}; return their paths (PNG: None without
+        matplotlib)."""
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        was_training = generator.training
+        generator.eval()
+        try:
+            x = model_spectrogram(self.wave.to(self.device)[None], self.image_size)
+            c_real = self.label_space.generator_input(self.labels_real, device=self.device)
+            c_target = self.label_space.generator_input(self.labels_orig, device=self.device)
+            with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=bf16):
+                fake = generator(x, c_target).float()
+                rec = generator(fake, c_real).float()
+        finally:
+            generator.train(was_training)
+        stem = self.out_dir / checkpoint_name(step)
+        png = stem.with_suffix(".png")
+        wrote_png = save_spectrogram_png(
+            png,
+            [
+                (f"source ({self.source_name})", x[0, 0]),
+                (f"converted, step {step} (-> {self.target_name})", fake[0, 0]),
+                ("reconstructed (back to source)", rec[0, 0]),
+            ],
+        )
+        wave = spectrogram_to_wave(
+            fake[0, 0].cpu(),
+            n_iter=_GRIFFIN_LIM_ITERATIONS,
+            **spectrogram_overrides(self.image_size),
+        )
+        wav = stem.with_suffix(".wav")
+        save_audio(wav, wave / wave.abs().max().clamp_min(1e-8) * 0.9)
+        return (png if wrote_png else None), wav
+
+
+# ---------------------------------------------------------------------------------------------
+# Resume checks
+
+
+def _check_resumable(
+    saved: dict[str, Any], config: TrainConfig, label_space: LabelSpace, where: Path
+) -> None:
+    """Refuse a resume whose models or labels would not fit; warn about other changed fields."""
+    try:
+        saved_config = TrainConfig.from_dict(saved["config"], source=f"{where}/state.json")
+        saved_labels = LabelSpace.from_dict(saved["label_space"])
+    except (KeyError, TypeError, ValueError) as exc:
+        raise CheckpointError(f"{where}/state.json is not a vcfast training state: {exc}") from None
+    for name in RESUME_CRITICAL_FIELDS:
+        if getattr(saved_config, name) != getattr(config, name):
+            raise CheckpointError(
+                f"cannot resume {where}: it was trained with "
+                f"{name}={getattr(saved_config, name)!r}, this run asks for "
+                f"{name}={getattr(config, name)!r}; use the same {name} or a new --out"
+            )
+    if saved_labels != label_space:
+        differences = []
+        if saved_labels.names != label_space.names:
+            differences.append(f"groups {list(saved_labels.names)} vs {list(label_space.names)}")
+        else:
+            for group in label_space.names:
+                old, new = saved_labels.class_names(group), label_space.class_names(group)
+                if old != new:
+                    added = sorted(set(new or ()) - set(old or ()))
+                    removed = sorted(set(old or ()) - set(new or ()))
+                    differences.append(f"{group}: added {added[:5]}, removed {removed[:5]}")
+        raise CheckpointError(
+            f"cannot resume {where}: the corpus's label space differs from the checkpoint's "
+            f"({'; '.join(differences) or 'class order differs'}); resume with the same corpus "
+            "or start a new run"
+        )
+    ignored = (
+        "steps",
+        "max_minutes",
+        "log_every",
+        "sample_every",
+        "checkpoint_every",
+        "eval_every",
+        "keep_checkpoints",
+        "device",
+        "workers",
+    )
+    changed = [
+        f"{name}: {getattr(saved_config, name)!r} -> {getattr(config, name)!r}"
+        for name in TrainConfig.field_names()
+        if name not in ignored and getattr(saved_config, name) != getattr(config, name)
+    ]
+    if changed:
+        warnings.warn(
+            f"resuming {where} with changed settings ({'; '.join(changed)}); the run will not "
+            "match an uninterrupted one",
+            stacklevel=3,
+        )
+
+
+# ---------------------------------------------------------------------------------------------
+# train()
+
+
+def _peak_memory(device: torch.device) -> dict[str, int | None]:
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
+    cuda = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None
+    return {"peak_rss_bytes": int(rss), "peak_cuda_allocated_bytes": cuda}
+
+
+def train(
+    config: TrainConfig,
+    corpus: Corpus,
+    out_dir: str | os.PathLike,
+    *,
+    resume: bool = False,
+    progress: bool = True,
+) -> dict[str, Any]:
+    """Train StarGAN-VC on ``corpus`` into the run directory ``out_dir`` (SPEC §5).
+
+    ``config.held_out_per_speaker`` utterances per speaker are held out for
+    :func:`evaluate` (run every ``eval_every`` steps and at the end). ``resume=True``
+    continues the run in ``out_dir`` from its latest checkpoint, exactly as if it had not
+    stopped; it refuses a different model size, optimiser or label space. Ctrl-C and
+    ``max_minutes`` stop cleanly with a checkpoint.
+
+    Returns a summary: ``steps`` (G steps done in total), ``steps_this_run``,
+    ``seconds_per_step`` (training time per G step, this run), ``samples_per_s``,
+    ``peak_rss_bytes`` / ``peak_cuda_allocated_bytes``, ``losses`` (last step), ``eval``
+    (last evaluation, nested as :func:`evaluate` returns it), ``checkpoint``, ``sample_png``,
+    ``sample_wav``, ``run_dir``, ``device``, ``stopped`` ("completed", "max_minutes" or
+    "interrupted"), ``config``.
+    """
+    if not isinstance(config, TrainConfig):
+        raise TypeError(f"train: config must be a TrainConfig, got {type(config).__name__}")
+    config.validate()
+    if not isinstance(corpus, Corpus):
+        raise TypeError(f"train: corpus must be a vcfast.data.Corpus, got {type(corpus).__name__}")
+    if not corpus.utterances:
+        raise ValueError(f"train: corpus {corpus.root} has no usable utterances")
+    run_dir = Path(out_dir)
+    if run_dir.exists() and not run_dir.is_dir():
+        raise ValueError(f"train: out_dir {str(run_dir)!r} exists and is not a directory")
+    label_space = corpus.label_space
+    device = resolve_device(config.device)
+    checkpoints_dir = run_dir / "checkpoints"
+
+    resume_from: Path | None = None
+    if resume:
+        resume_from = latest_checkpoint(run_dir) if run_dir.is_dir() else None
+        if resume_from is None:
+            raise CheckpointError(
+                f"cannot resume: {str(run_dir)!r} has no checkpoint "
+                f"({checkpoints_dir / 'LATEST'} is missing)"
+            )
+        _check_resumable(read_state(resume_from), config, label_space, resume_from)
+    elif (checkpoints_dir / "LATEST").exists():
+        raise ValueError(
+            f"train: {str(run_dir)!r} already holds a training run; pass resume=True "
+            "(--resume) to continue it, or choose another output directory"
+        )
+    run_dir.mkdir(parents=True, exist_ok=True)
+
+    # Held-out utterances for evaluation (every speaker keeps at least one for training).
+    train_corpus, held_out = corpus, None
+    if config.held_out_per_speaker > 0:
+        train_corpus, held_out = corpus.split(config.held_out_per_speaker, seed=config.seed)
+        if not held_out.utterances:
+            held_out = None
+    write_atomically(run_dir / "config.json", json.dumps(config.to_dict(), indent=2) + "\n")
+    write_atomically(run_dir / "labels.json", json.dumps(label_space.to_dict(), indent=2) + "\n")
+    write_atomically(
+        run_dir / "corpus.json",
+        json.dumps(
+            {
+                "root": str(Path(corpus.root).resolve()),
+                "layout": corpus.layout,
+                "utterances": len(corpus.utterances),
+            },
+            indent=2,
+        )
+        + "\n",
+    )
+
+    generator, discriminator = build_models(config, label_space)  # seeds the global RNG
+    generator.to(device).train()
+    discriminator.to(device).train()
+    opt_g = _make_optimizer(config, generator.parameters())
+    opt_d = _make_optimizer(config, discriminator.parameters())
+    step, epoch, batch_index = 0, 0, 0
+    last_eval: dict[str, Any] | None = None
+    if resume_from is not None:
+        load_weights(generator, resume_from / "generator.safetensors", device)
+        load_weights(discriminator, resume_from / "discriminator.safetensors", device)
+        saved = load_training_state(resume_from)
+        opt_g.load_state_dict(saved["optimizer_g"])
+        opt_d.load_state_dict(saved["optimizer_d"])
+        for optimizer in (opt_g, opt_d):  # an explicitly changed lr takes effect
+            for group in optimizer.param_groups:
+                group["lr"] = config.learning_rate
+        restore_rng_state(saved["rng"])
+        step, epoch, batch_index = (
+            int(saved["step"]),
+            int(saved["epoch"]),
+            int(saved["batch_index"]),
+        )
+        last_eval = read_state(resume_from).get("eval")
+
+    dataset = StarGANPairDataset(
+        train_corpus,
+        seed=config.seed,
+        items_per_epoch=max(len(train_corpus.utterances), config.batch_size),
+    )
+    stream = _BatchStream(dataset, config, epoch, batch_index, pin_memory=device.type == "cuda")
+    stepper = _Stepper(config, generator, discriminator, opt_g, opt_d, label_space, device)
+    image_size = config.model_sizes["image_size"]
+    sampler = _Sampler(
+        held_out or train_corpus, label_space, config.seed, run_dir / "samples", device, image_size
+    )
+
+    eval_columns = ["n_utterances"]
+    if held_out is not None:
+        eval_columns += [f"acc_real_{g}" for g in (*label_space.names, "mean")]
+        eval_columns += [f"acc_converted_{g}" for g in (*label_space.names, "mean")]
+        eval_columns += ["reconstruction_l1", "spectral_convergence"]
+    resume_step = step if resume_from is not None else None
+    log = CsvLog(run_dir / "log.csv", [*LOSS_COLUMNS, *_TIMING_COLUMNS], resume_step=resume_step)
+    eval_log = CsvLog(run_dir / "eval.csv", eval_columns, resume_step=resume_step)
+    scalars = ScalarWriter(run_dir / "tb", purge_step=step + 1 if resume_from is not None else None)
+
+    from tqdm.auto import tqdm
+
+    bar = tqdm(
+        total=config.steps,
+        initial=step,
+        disable=not progress,
+        unit="step",
+        dynamic_ncols=True,
+        desc="train",
+    )
+    start_time = time.monotonic()
+    train_seconds, steps_this_run = 0.0, 0
+    window_seconds, window_steps = 0.0, 0
+    losses: dict[str, float] = {}
+    paths: dict[str, str | None] = {
+        "checkpoint": str(resume_from) if resume_from else None,
+        "sample_png": None,
+        "sample_wav": None,
+    }
+    done = {"sample": -1, "eval": -1, "checkpoint": step if resume_from is not None else -1}
+    stopped = "completed"
+
+    def position() -> tuple[int, int]:
+        return stream.epoch, stream.batch_index
+
+    def do_sample() -> None:
+        with _isolated_rng():
+            png, wav = sampler.render(generator, step, config.bf16)
+        paths["sample_png"] = str(png) if png else None
+        paths["sample_wav"] = str(wav)
+        done["sample"] = step
+
+    def do_eval() -> None:
+        nonlocal last_eval
+        if held_out is None:
+            return
+        with _isolated_rng():
+            last_eval = evaluate(
+                generator,
+                discriminator,
+                held_out,
+                label_space,
+                device=device,
+                batch_size=max(config.batch_size, 4),
+                seed=config.seed,
+                bf16=config.bf16,
+            )
+        flat = flatten_metrics(last_eval)
+        eval_log.write({"step": step, "n_utterances": last_eval["n_utterances"], **flat})
+        scalars.scalars(flat, step, prefix="eval/")
+        done["eval"] = step
+        if progress:
+            bar.write(
+                f"step {step} eval: accuracy real {flat['acc_real_mean']:.3f}, converted "
+                f"{flat['acc_converted_mean']:.3f}, reconstruction L1 "
+                f"{flat['reconstruction_l1']:.4f}, Griffin-Lim convergence "
+                f"{flat['spectral_convergence']:.3f}"
+            )
+
+    def do_checkpoint(epoch_batch: tuple[int, int]) -> None:
+        training_state = {
+            "step": step,
+            "epoch": epoch_batch[0],
+            "batch_index": epoch_batch[1],
+            "optimizer_g": opt_g.state_dict(),
+            "optimizer_d": opt_d.state_dict(),
+            "rng": capture_rng_state(),
+        }
+        state = {
+            "step": step,
+            "epoch": epoch_batch[0],
+            "batch_index": epoch_batch[1],
+            "config": config.to_dict(),
+            "label_space": label_space.to_dict(),
+            "losses": losses,
+            "eval": last_eval,
+            "saved_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        }
+        path = save_checkpoint(
+            checkpoints_dir,
+            step,
+            generator=generator,
+            discriminator=discriminator,
+            training_state=training_state,
+            state=state,
+            keep=config.keep_checkpoints,
+        )
+        paths["checkpoint"] = str(path)
+        done["checkpoint"] = step
+
+    iteration_start = position()
+    try:
+        while step < config.steps:
+            iteration_start = position()
+            tick = time.perf_counter()
+            for _ in range(config.n_critic):
+                batch = _to_spectrograms(stream.next(), device, image_size)
+                d_losses = stepper.d_step(batch)
+            g_losses = stepper.g_step(batch)
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            seconds = time.perf_counter() - tick
+            step += 1
+            steps_this_run += 1
+            train_seconds += seconds
+            window_seconds += seconds
+            window_steps += 1
+            losses = {**d_losses, **g_losses}
+            time_up = (
+                config.max_minutes is not None
+                and time.monotonic() - start_time > 60 * config.max_minutes
+            )
+            bar.update(1)
+            bar.set_postfix(
+                d=f"{losses['d_loss']:.3f}",
+                g=f"{losses['g_loss']:.3f}",
+                s_per_step=f"{seconds:.2f}",
+                samples_per_s=f"{config.batch_size * config.n_critic / seconds:.1f}",
+            )
+            if step % config.log_every == 0 or step == config.steps or time_up:
+                rate = window_steps / window_seconds
+                row = {
+                    **losses,
+                    "seconds_per_step": window_seconds / window_steps,
+                    "steps_per_s": rate,
+                    "samples_per_s": rate * config.batch_size * config.n_critic,
+                    "elapsed_s": time.monotonic() - start_time,
+                }
+                log.write({"step": step, **row})
+                scalars.scalars(row, step, prefix="train/")
+                window_seconds, window_steps = 0.0, 0
+            if step % config.sample_every == 0:
+                do_sample()
+            if step % config.eval_every == 0:
+                do_eval()
+            if step % config.checkpoint_every == 0:
+                do_checkpoint(position())
+            if time_up:
+                if step < config.steps:
+                    stopped = "max_minutes"
+                break
+        final_position = position()
+    except KeyboardInterrupt:
+        # The interrupted iteration may have updated D already; the checkpoint keeps those
+        # weights but records the data position at that iteration's start.
+        stopped = "interrupted"
+        final_position = iteration_start
+        if progress:
+            bar.write(f"interrupted at step {step}; saving a checkpoint")
+    except BaseException:
+        log.close()
+        eval_log.close()
+        scalars.close()
+        raise
+    finally:
+        bar.close()
+        stream.close()
+    try:
+        if steps_this_run > 0 or resume_from is None:
+            if stopped != "interrupted":
+                if done["sample"] != step:
+                    do_sample()
+                if done["eval"] != step:
+                    do_eval()
+            # A checkpoint already taken at this step is exact; an interrupted iteration must
+            # not overwrite it with half-updated weights (nor save an untrained step 0).
+            if done["checkpoint"] != step and not (stopped == "interrupted" and step == 0):
+                do_checkpoint(final_position)
+    finally:
+        log.close()
+        eval_log.close()
+        scalars.close()
+    return {
+        "run_dir": str(run_dir),
+        "device": str(device),
+        "steps": step,
+        "steps_this_run": steps_this_run,
+        "seconds_per_step": train_seconds / steps_this_run if steps_this_run else None,
+        "samples_per_s": (
+            steps_this_run * config.batch_size * config.n_critic / train_seconds
+            if train_seconds > 0
+            else None
+        ),
+        "wall_seconds": time.monotonic() - start_time,
+        **_peak_memory(device),
+        "losses": losses,
+        "eval": last_eval,
+        "stopped": stopped,
+        "train_utterances": len(train_corpus.utterances),
+        "held_out_utterances": len(held_out.utterances) if held_out is not None else 0,
+        "config": config.to_dict(),
+        **paths,
+    }
