@@ -8,7 +8,10 @@ Same parameters, same math, same outputs and gradients as the official layout
 * every "InstanceNorm -> ReLU -> conv" runs as one :class:`vcfast.nn.InstanceNormReLUConv2d`
   that keeps only the norm's input and per-(sample, channel) statistics;
 * residual blocks are :class:`vcfast.nn.LeanResidualBlock` and can be activation-checkpointed
-  (``checkpoint_residual_blocks=True``; running statistics are still updated exactly once).
+  (``checkpoint_residual_blocks=True``; running statistics are still updated exactly once);
+* ``autocast_bf16=True`` runs the forward under ``torch.autocast(<input's device type>,
+  torch.bfloat16)`` (convolutions in bf16, instance-norm statistics in float32, parameters
+  stay float32) and returns a float32 output.
 
 Module layout (state-dict names differ from the official ``main.<i>`` ones)::
 
@@ -41,6 +44,20 @@ from vcfast.nn.norm_act import InstanceNormReLUConv2d, LeanResidualBlock
 __all__ = ["StarGANGenerator"]
 
 _ACTIVATIONS = {"sigmoid": torch.sigmoid, "tanh": torch.tanh, "none": None}
+_AUTOCAST_DEVICES = ("cpu", "cuda")
+
+
+def bf16_autocast(device_type: str):
+    """``torch.autocast(device_type, dtype=torch.bfloat16)``, or a no-op for a device type
+    autocast does not support (the meta device: the memory estimator emulates autocast itself)."""
+    if device_type in _AUTOCAST_DEVICES:
+        return torch.autocast(device_type=device_type, dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def to_float32_if_half(t: Tensor) -> Tensor:
+    """Autocast outputs (bf16 / fp16) back to float32; float32 / float64 unchanged."""
+    return t.float() if t.dtype in (torch.bfloat16, torch.float16) else t
 
 
 @contextlib.contextmanager
@@ -70,6 +87,9 @@ class StarGANGenerator(nn.Module):
         checkpoint_residual_blocks: recompute each residual block in backward
             (``torch.utils.checkpoint``, ``use_reentrant=False``) instead of keeping its
             intermediates; only active when autograd records.
+        autocast_bf16: run the forward under bf16 autocast on the input's device type
+            (CPU or CUDA; the backward then follows autocast's casts); the output is float32.
+            Changeable later through the attribute of the same name.
 
     ``forward(x [N, in_channels, H, W], c [N, c_dim]) -> [N, in_channels, H, W]`` (H, W
     divisible by 4).
@@ -77,7 +97,7 @@ class StarGANGenerator(nn.Module):
 
     def __init__(self, conv_dim: int = 64, c_dim: int = 1479, repeat_num: int = 6,
                  in_channels: int = 1, out_activation: str = "sigmoid",
-                 checkpoint_residual_blocks: bool = False):
+                 checkpoint_residual_blocks: bool = False, autocast_bf16: bool = False):
         super().__init__()
         if out_activation not in ("sigmoid", "tanh"):
             raise ValueError(f"out_activation must be 'sigmoid' or 'tanh', got {out_activation!r}")
@@ -103,6 +123,7 @@ class StarGANGenerator(nn.Module):
         final = nn.Conv2d(curr, in_channels, kernel_size=7, stride=1, padding=3, bias=False)
         self._assemble(stem, c_dim, pre_norms, downs, blocks, ups, post_norms, final, out_activation,
                        checkpoint_residual_blocks)
+        self.autocast_bf16 = bool(autocast_bf16)
 
     def _assemble(self, stem: nn.Conv2d, c_dim: int, pre_norms, downs, blocks, ups, post_norms,
                   final: nn.Conv2d, out_activation: str, checkpoint_residual_blocks: bool) -> None:
@@ -119,6 +140,7 @@ class StarGANGenerator(nn.Module):
         self.head = InstanceNormReLUConv2d(post_norms[-1], final)
         self.out_activation = out_activation
         self.checkpoint_residual_blocks = bool(checkpoint_residual_blocks)
+        self.autocast_bf16 = False
         self.in_channels = stem.in_channels - c_dim
         self.c_dim = c_dim
         self.conv_dim = stem.out_channels
@@ -133,15 +155,16 @@ class StarGANGenerator(nn.Module):
 
     @classmethod
     def paper(cls, label_space=None, out_activation: str = "sigmoid",
-              checkpoint_residual_blocks: bool = False) -> "StarGANGenerator":
+              checkpoint_residual_blocks: bool = False, autocast_bf16: bool = False) -> "StarGANGenerator":
         """SPEC §4 paper size; ``label_space`` (a vcfast.LabelSpace) sets ``c_dim`` (default 1479)."""
         c_dim = label_space.input_dim if label_space is not None else 1479
         return cls(conv_dim=64, c_dim=c_dim, repeat_num=6, in_channels=1, out_activation=out_activation,
-                   checkpoint_residual_blocks=checkpoint_residual_blocks)
+                   checkpoint_residual_blocks=checkpoint_residual_blocks, autocast_bf16=autocast_bf16)
 
     def extra_repr(self) -> str:
         return (f"c_dim={self.c_dim}, out_activation={self.out_activation!r}, "
-                f"checkpoint_residual_blocks={self.checkpoint_residual_blocks}")
+                f"checkpoint_residual_blocks={self.checkpoint_residual_blocks}, "
+                f"autocast_bf16={getattr(self, 'autocast_bf16', False)}")
 
     def _run_block(self, block: nn.Module, h: Tensor) -> Tensor:
         if self.checkpoint_residual_blocks and torch.is_grad_enabled():
@@ -150,6 +173,13 @@ class StarGANGenerator(nn.Module):
         return block(h)
 
     def forward(self, x: Tensor, c: Tensor) -> Tensor:
+        if getattr(self, "autocast_bf16", False):  # getattr: modules unpickled from older code
+            with bf16_autocast(x.device.type):
+                out = self._forward(x, c)
+            return to_float32_if_half(out)
+        return self._forward(x, c)
+
+    def _forward(self, x: Tensor, c: Tensor) -> Tensor:
         h = self.stem(x, c)
         for unit in self.down:
             h = unit(h)

@@ -13,10 +13,18 @@ out_channels, kernel_size, stride, padding, bias=bias)`` (``weight`` [O, C_x + C
 gradients for x, c, both weight slices and the bias flow through ordinary autograd except the
 table add, a registered op whose backward is a segmented sum. No B x C_c x H x W tensor exists
 in forward or backward. Dilation 1, groups 1 and zero padding only.
+
+Autocast: under ``torch.autocast(device_type="cpu" | "cuda", dtype=torch.bfloat16 / float16)``
+the image convolution runs in the autocast dtype (``F.conv2d`` is on autocast's list, as for
+``nn.Conv2d``) and the output has that dtype. The label table is tiny, so it is computed with
+autocast disabled in the weight's dtype (float32) and rounded once to the output dtype when
+added -- closer to the float32 result than autocast's bf16 convolution over the tiled labels,
+whose label part it replaces. Gradients reach weight, bias and ``c`` in their own dtypes.
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
 
 import torch
@@ -39,6 +47,13 @@ def _pair(v, name: str) -> tuple[int, int]:
     if len(t) != 2:
         raise ValueError(f"LabelConcatConv2d: {name} must be an int or a pair, got {v!r}")
     return t
+
+
+def _autocast_disabled(device_type: str):
+    """Autocast off for this block (a no-op where autocast is off or unsupported)."""
+    if device_type in ("cpu", "cuda") and torch.is_autocast_enabled(device_type):
+        return torch.autocast(device_type=device_type, enabled=False)
+    return contextlib.nullcontext()
 
 
 class LabelConcatConv2d(nn.Module):
@@ -146,10 +161,12 @@ class LabelConcatConv2d(nn.Module):
         col_ids, a_col = self._patterns(1, x.shape[3], w_out, x.device, weight.dtype)
         # P[o, b, k] = sum_c c[b, c] W_c[o, c, k]: a bmm over o on a strided view of the weight
         # (torch.matmul would copy the label slice; bmm reads it in place).
-        w_c = weight[:, cx:].reshape(o, self.label_channels, kh * kw)
-        p = torch.bmm(c.to(weight.dtype).unsqueeze(0).expand(o, -1, -1), w_c)  # [O, B, kh*kw]
-        p = p.view(o, -1, kh, kw).transpose(0, 1)                      # [B, O, kh, kw]
-        table = torch.matmul(torch.matmul(a_row, p), a_col.t())        # [B, O, R, S]
-        if self.bias is not None:
-            table = table + self.bias.view(1, o, 1, 1)
+        with _autocast_disabled(x.device.type):
+            # The table in the weight's dtype even under autocast (see the module doc).
+            w_c = weight[:, cx:].reshape(o, self.label_channels, kh * kw)
+            p = torch.bmm(c.to(weight.dtype).unsqueeze(0).expand(o, -1, -1), w_c)  # [O, B, kh*kw]
+            p = p.view(o, -1, kh, kw).transpose(0, 1)                      # [B, O, kh, kw]
+            table = torch.matmul(torch.matmul(a_row, p), a_col.t())        # [B, O, R, S]
+            if self.bias is not None:
+                table = table + self.bias.view(1, o, 1, 1)
         return label_table_add(conv_x, table.to(conv_x.dtype), row_ids, col_ids)

@@ -14,9 +14,21 @@ Exact against ``nn.InstanceNorm2d(affine=True, track_running_stats=True)`` + ``n
 None leaves them unchanged, like ``F.instance_norm`` with momentum 0; ``num_batches_tracked``
 is not touched, like nn.InstanceNorm2d), running statistics in eval mode when tracked.
 Not double-differentiable; convs must use ``padding_mode='zeros'`` and numeric padding.
+
+Autocast (``torch.autocast(device_type="cpu" | "cuda", dtype=torch.bfloat16 / float16)``): the
+unit behaves like the layers it replaces under autocast. The statistics and the norm-ReLU
+arithmetic run in float32 (``acc_dtype``) whatever z's dtype; the activation is rounded once
+to the autocast dtype and the convolution runs in it with weight and bias cast to it, as
+``nn.Conv2d`` does under autocast (float64 tensors are left alone, as autocast leaves them).
+The casts are explicit: the autocast dtype is captured when the forward runs and the backward
+uses it whatever autocast state ``backward()`` is called in (the role of
+``torch.amp.custom_fwd`` / ``custom_bwd``, but for either device type); the gradients of
+weight / bias come back in the parameters' dtype, grad_z in z's dtype.
 """
 
 from __future__ import annotations
+
+import contextlib
 
 import torch
 from torch import Tensor, nn
@@ -44,18 +56,52 @@ def _conv_config(conv: nn.Module):
             output_padding, conv.groups)
 
 
+_AUTOCAST_DEVICES = ("cpu", "cuda")
+
+
+def _autocast_dtype(t: Tensor) -> torch.dtype | None:
+    """The dtype ``torch.autocast`` would run a convolution on ``t`` in, or None (autocast off,
+    a device type autocast does not support, or a float64 tensor, which autocast never casts)."""
+    device_type = t.device.type
+    if device_type not in _AUTOCAST_DEVICES or t.dtype == torch.float64:
+        return None
+    if not torch.is_autocast_enabled(device_type):
+        return None
+    return torch.get_autocast_dtype(device_type)
+
+
+def _autocast_off(device_type: str):
+    """Disables autocast for explicitly cast code (a no-op where autocast is off)."""
+    if device_type in _AUTOCAST_DEVICES and torch.is_autocast_enabled(device_type):
+        return torch.autocast(device_type=device_type, enabled=False)
+    return contextlib.nullcontext()
+
+
+def _cast(t: Tensor | None, dtype: torch.dtype | None) -> Tensor | None:
+    if t is None or dtype is None or t.dtype == torch.float64:
+        return t
+    return t.to(dtype)
+
+
 class _NormReLUConvFn(torch.autograd.Function):
     """out = conv(relu(gamma * (z - mean) * rstd + beta)); saves z (not the activation)."""
 
     @staticmethod
-    def forward(ctx, z, mean, rstd, gamma, beta, weight, bias, conv_cfg, batch_stats):
-        a = norm_relu_forward(z, mean, rstd, gamma, beta)
-        out = torch.ops.aten.convolution(a, weight, bias, *conv_cfg)
+    def forward(ctx, z, mean, rstd, gamma, beta, weight, bias, conv_cfg, batch_stats,
+                conv_dtype=None):
+        # conv_dtype: the autocast dtype captured by the caller (None: no autocast; optional,
+        # so callers of the earlier 9-argument form keep working).
+        with _autocast_off(z.device.type):
+            a = _cast(norm_relu_forward(z, mean, rstd, gamma, beta), conv_dtype)
+            out = torch.ops.aten.convolution(a, _cast(weight, conv_dtype), _cast(bias, conv_dtype),
+                                             *conv_cfg)
         del a
         ctx.save_for_backward(z, mean, rstd, gamma, beta, weight)
         ctx.conv_cfg = conv_cfg
         ctx.batch_stats = batch_stats
+        ctx.conv_dtype = conv_dtype
         ctx.bias_sizes = None if bias is None else list(bias.shape)
+        ctx.bias_dtype = None if bias is None else bias.dtype
         return out
 
     @staticmethod
@@ -64,28 +110,38 @@ class _NormReLUConvFn(torch.autograd.Function):
         z, mean, rstd, gamma, beta, weight = ctx.saved_tensors
         need_z, _, _, need_gamma, need_beta, need_w, need_b = ctx.needs_input_grad[:7]
         need_a = need_z or need_gamma or need_beta
-        a = norm_relu_forward(z, mean, rstd, gamma, beta)  # the recompute
-        grad_a, grad_w, grad_b = torch.ops.aten.convolution_backward(
-            grad_out, a, weight, ctx.bias_sizes, *ctx.conv_cfg, [need_a, need_w, need_b])
-        del a
-        grad_z = grad_gamma = grad_beta = None
-        if need_a:
-            grad_z, grad_gamma, grad_beta = norm_relu_backward(
-                grad_a, z, mean, rstd, gamma, beta, ctx.batch_stats)
-            del grad_a
-            if grad_gamma is not None:
-                grad_gamma = grad_gamma.to(gamma.dtype)
-            if grad_beta is not None:
-                grad_beta = grad_beta.to(beta.dtype)
-        return (grad_z if need_z else None, None, None,
-                grad_gamma if need_gamma else None, grad_beta if need_beta else None,
-                grad_w, grad_b if need_b else None, None, None)
+        conv_dtype = ctx.conv_dtype
+        # The same explicit casts as the forward, whatever autocast state backward() runs in.
+        with _autocast_off(z.device.type):
+            a = _cast(norm_relu_forward(z, mean, rstd, gamma, beta), conv_dtype)  # the recompute
+            grad_a, grad_w, grad_b = torch.ops.aten.convolution_backward(
+                _cast(grad_out, conv_dtype), a,
+                _cast(weight, conv_dtype), ctx.bias_sizes, *ctx.conv_cfg, [need_a, need_w, need_b])
+            del a
+            grad_z = grad_gamma = grad_beta = None
+            if need_a:
+                grad_z, grad_gamma, grad_beta = norm_relu_backward(
+                    grad_a, z, mean, rstd, gamma, beta, ctx.batch_stats)
+                del grad_a
+                if grad_gamma is not None:
+                    grad_gamma = grad_gamma.to(gamma.dtype)
+                if grad_beta is not None:
+                    grad_beta = grad_beta.to(beta.dtype)
+        if grad_w is not None:
+            grad_w = grad_w.to(weight.dtype)
+        if grad_b is not None:
+            grad_b = grad_b.to(ctx.bias_dtype)
+        grads = (grad_z if need_z else None, None, None,
+                 grad_gamma if need_gamma else None, grad_beta if need_beta else None,
+                 grad_w, grad_b if need_b else None, None, None, None)
+        return grads[:len(ctx.needs_input_grad)]  # one per input given to apply()
 
 
 def instance_norm_relu_conv(z: Tensor, norm: nn.InstanceNorm2d, conv: nn.Module) -> Tensor:
     """``conv(relu(norm(z)))`` keeping only ``z`` and [N, C] statistics for backward.
 
-    ``norm``'s running statistics are updated in place exactly as ``norm(z)`` would.
+    ``norm``'s running statistics are updated in place exactly as ``norm(z)`` would. Under
+    ``torch.autocast`` the convolution runs in the autocast dtype (see the module doc).
     """
     if z.dim() != 4:
         raise ValueError(f"instance_norm_relu_conv: expected a 4-D input, got {z.dim()}-D")
@@ -93,8 +149,11 @@ def instance_norm_relu_conv(z: Tensor, norm: nn.InstanceNorm2d, conv: nn.Module)
         raise ValueError(f"expected {norm.num_features} channels, got {z.shape[1]}")
     conv_cfg = _conv_config(conv)
     batch_stats = norm.training or not norm.track_running_stats
+    conv_dtype = _autocast_dtype(z)
+    if conv_dtype is not None and conv.weight.dtype == torch.float64:
+        conv_dtype = None  # autocast leaves float64 alone
     if batch_stats:
-        with torch.no_grad():
+        with torch.no_grad(), _autocast_off(z.device.type):
             mean, rstd, var_unbiased = instance_norm_stats(z.detach(), norm.eps)
             if norm.track_running_stats and norm.running_mean is not None:
                 m = norm.momentum if norm.momentum is not None else 0.0
@@ -104,11 +163,11 @@ def instance_norm_relu_conv(z: Tensor, norm: nn.InstanceNorm2d, conv: nn.Module)
     else:
         dt = acc_dtype(z)
         n = z.shape[0]
-        with torch.no_grad():
+        with torch.no_grad(), _autocast_off(z.device.type):
             mean = norm.running_mean.to(dt).expand(n, -1).contiguous()
             rstd = torch.rsqrt(norm.running_var.to(dt) + norm.eps).expand(n, -1).contiguous()
     return _NormReLUConvFn.apply(z, mean, rstd, norm.weight, norm.bias, conv.weight, conv.bias,
-                                 conv_cfg, batch_stats)
+                                 conv_cfg, batch_stats, conv_dtype)
 
 
 class InstanceNormReLUConv2d(nn.Module):

@@ -22,9 +22,24 @@ arithmetic are float32 (float64 for float64 z) -- the "accumulation dtype" ``acc
 ``a`` and ``grad_z`` come back in z's dtype, grad_gamma / grad_beta [C] in the accumulation
 dtype. ``gamma`` / ``beta`` may be None (non-affine norm: 1 and 0; their grads are then None).
 
-Backends: plain-PyTorch references here (CPU and anything else), Triton kernels
-(``vcfast.ops.norm_act_triton``, ``kernels/norm_act.py``) for CUDA tensors. A C++ CPU
-kernel is future work: CPU tensors use the references.
+Backends, picked by z's device:
+
+* CPU: the C++ ops ``vcfast::instance_norm_stats``, ``vcfast::norm_relu_forward`` and
+  ``vcfast::norm_relu_backward`` (csrc/cpu/norm_act_cpu.cpp, per-element math in
+  csrc/include/vcfast/norm_act_math.h): one pass (forward, stats per pass, eval backward) or
+  two (train backward) over each (n, c) plane, plane sums in double, parallel over planes.
+  They take any spatial rank and any strides; gamma / beta are optional (``Tensor?``) and the
+  backward always returns grad_gamma / grad_beta (the Python wrapper drops them for None).
+  Fake (meta) implementations are registered here, so the meta-device estimator traces them.
+* CUDA: Triton kernels (``vcfast.ops.norm_act_triton``, ``kernels/norm_act.py``).
+* Anything else, or a build without the C++ ops: the plain-PyTorch references
+  (``instance_norm_stats_reference``, ``norm_relu_forward_reference``,
+  ``norm_relu_backward_reference``), which stay public for tests and benchmarks.
+
+The C++ and reference results agree to rounding: float64 to ~1e-15, float32 to ~1e-6 (the
+C++ plane sums are double, the reference's float32), half types to one rounding of the
+output dtype. The ops are not differentiable themselves (the lean unit's autograd function
+calls the backward op).
 """
 
 from __future__ import annotations
@@ -37,6 +52,7 @@ from vcfast import _extension
 __all__ = [
     "acc_dtype",
     "instance_norm_stats",
+    "instance_norm_stats_reference",
     "norm_relu_forward",
     "norm_relu_backward",
     "norm_relu_forward_reference",
@@ -56,8 +72,8 @@ def _bcast(v: Tensor, ndim: int) -> Tensor:
     return v.reshape(v.shape + (1,) * (ndim - 2))
 
 
-def instance_norm_stats(z: Tensor, eps: float) -> tuple[Tensor, Tensor, Tensor]:
-    """(mean, rstd, unbiased var) over the spatial dims of z [N, C, *spatial], each [N, C]."""
+def instance_norm_stats_reference(z: Tensor, eps: float) -> tuple[Tensor, Tensor, Tensor]:
+    """Plain-PyTorch (mean, rstd, unbiased var) over the spatial dims of z, each [N, C]."""
     if z.dim() < 3:
         raise ValueError(f"instance_norm_stats: z must be [N, C, *spatial], got {tuple(z.shape)}")
     n, c = z.shape[:2]
@@ -79,6 +95,7 @@ def _affine(gamma: Tensor | None, beta: Tensor | None, c: int, like: Tensor, dty
 
 def norm_relu_forward_reference(z: Tensor, mean: Tensor, rstd: Tensor, gamma: Tensor | None,
                                 beta: Tensor | None) -> Tensor:
+    """Plain-PyTorch ``relu(((z - mean) * rstd) * gamma + beta)`` in z's dtype."""
     dt = acc_dtype(z)
     nd = z.dim()
     g, b = _affine(gamma, beta, z.shape[1], z, dt)
@@ -88,6 +105,7 @@ def norm_relu_forward_reference(z: Tensor, mean: Tensor, rstd: Tensor, gamma: Te
 
 def norm_relu_backward_reference(grad_a: Tensor, z: Tensor, mean: Tensor, rstd: Tensor,
                                  gamma: Tensor | None, beta: Tensor | None, batch_stats: bool):
+    """Plain-PyTorch (grad_z, grad_gamma, grad_beta) of :func:`norm_relu_forward_reference`."""
     dt = acc_dtype(z)
     nd = z.dim()
     g_, b_ = _affine(gamma, beta, z.shape[1], z, dt)
@@ -109,6 +127,83 @@ def norm_relu_backward_reference(grad_a: Tensor, z: Tensor, mean: Tensor, rstd: 
     return grad_z.to(z.dtype), grad_gamma, grad_beta
 
 
+_SUPPORTED = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+_HAS_KERNEL = all(_extension.has_op(name) for name in
+                  ("instance_norm_stats", "norm_relu_forward", "norm_relu_backward"))
+
+
+def _check_inputs(name: str, z: Tensor, mean: Tensor | None = None, rstd: Tensor | None = None,
+                  gamma: Tensor | None = None, beta: Tensor | None = None,
+                  grad_a: Tensor | None = None) -> None:
+    """Clear Python errors (dtype, shape, device) before any backend runs."""
+    if not isinstance(z, Tensor):
+        raise TypeError(f"{name}: z must be a Tensor, got {type(z).__name__}")
+    if z.dtype not in _SUPPORTED:
+        raise TypeError(f"{name}: z must be float16, bfloat16, float32 or float64, got {z.dtype}")
+    if z.dim() < 3:
+        raise ValueError(f"{name}: z must be [N, C, *spatial], got shape {tuple(z.shape)}")
+    n, c = z.shape[:2]
+    expected = {"mean": n * c, "rstd": n * c, "gamma": c, "beta": c}
+    for arg, t in (("mean", mean), ("rstd", rstd), ("gamma", gamma), ("beta", beta)):
+        if t is None:
+            continue
+        if not t.is_floating_point():
+            raise TypeError(f"{name}: {arg} must be floating point, got {t.dtype}")
+        if t.numel() != expected[arg]:
+            what = "N * C" if arg in ("mean", "rstd") else "C"
+            raise ValueError(f"{name}: {arg} must have {expected[arg]} elements ({what}), "
+                             f"got shape {tuple(t.shape)}")
+        if t.device != z.device:
+            raise ValueError(f"{name}: {arg} is on {t.device}, z on {z.device}")
+    if grad_a is not None:
+        if grad_a.shape != z.shape:
+            raise ValueError(f"{name}: grad_a {tuple(grad_a.shape)} must have z's shape "
+                             f"{tuple(z.shape)}")
+        if not grad_a.is_floating_point():
+            raise TypeError(f"{name}: grad_a must be floating point, got {grad_a.dtype}")
+        if grad_a.device != z.device:
+            raise ValueError(f"{name}: grad_a is on {grad_a.device}, z on {z.device}")
+
+
+def _use_kernel(t: Tensor) -> bool:
+    return _HAS_KERNEL and t.device.type == "cpu"
+
+
+if _HAS_KERNEL:
+
+    @torch.library.register_fake("vcfast::instance_norm_stats")
+    def _instance_norm_stats_fake(z, eps):
+        torch._check(z.dim() >= 3,
+                     lambda: "vcfast::instance_norm_stats: z must be [N, C, *spatial]")
+        shape = (z.shape[0], z.shape[1])
+        dt = acc_dtype(z)
+        return tuple(z.new_empty(shape, dtype=dt) for _ in range(3))
+
+    @torch.library.register_fake("vcfast::norm_relu_forward")
+    def _norm_relu_forward_fake(z, mean, rstd, gamma, beta):
+        torch._check(z.dim() >= 3, lambda: "vcfast::norm_relu_forward: z must be [N, C, *spatial]")
+        return torch.empty_like(z, memory_format=torch.contiguous_format)
+
+    @torch.library.register_fake("vcfast::norm_relu_backward")
+    def _norm_relu_backward_fake(grad_a, z, mean, rstd, gamma, beta, batch_stats):
+        torch._check(z.dim() >= 3, lambda: "vcfast::norm_relu_backward: z must be [N, C, *spatial]")
+        torch._check(grad_a.shape == z.shape,
+                     lambda: "vcfast::norm_relu_backward: grad_a must have z's shape")
+        dt = acc_dtype(z)
+        c = z.shape[1]
+        return (torch.empty_like(z, memory_format=torch.contiguous_format),
+                z.new_empty((c,), dtype=dt), z.new_empty((c,), dtype=dt))
+
+
+def instance_norm_stats(z: Tensor, eps: float) -> tuple[Tensor, Tensor, Tensor]:
+    """(mean, rstd, unbiased var) over the spatial dims of z [N, C, *spatial], each [N, C]
+    in ``acc_dtype(z)``; C++ on CPU, else the reference. Needs more than one spatial element."""
+    _check_inputs("instance_norm_stats", z)
+    if _use_kernel(z):
+        return torch.ops.vcfast.instance_norm_stats(z, float(eps))
+    return instance_norm_stats_reference(z, eps)
+
+
 def _use_triton(t: Tensor) -> bool:
     if t.device.type != "cuda" or not _extension.triton_available():
         return False
@@ -119,7 +214,11 @@ def _use_triton(t: Tensor) -> bool:
 
 def norm_relu_forward(z: Tensor, mean: Tensor, rstd: Tensor, gamma: Tensor | None,
                       beta: Tensor | None) -> Tensor:
-    """``relu(((z - mean) * rstd) * gamma + beta)``; Triton on CUDA, else the reference."""
+    """``relu(((z - mean) * rstd) * gamma + beta)`` in z's dtype; C++ on CPU, Triton on CUDA,
+    else the reference."""
+    _check_inputs("norm_relu_forward", z, mean, rstd, gamma, beta)
+    if _use_kernel(z):
+        return torch.ops.vcfast.norm_relu_forward(z, mean, rstd, gamma, beta)
     if _use_triton(z):
         from vcfast.ops.norm_act_triton import norm_relu_forward_triton
 
@@ -129,7 +228,13 @@ def norm_relu_forward(z: Tensor, mean: Tensor, rstd: Tensor, gamma: Tensor | Non
 
 def norm_relu_backward(grad_a: Tensor, z: Tensor, mean: Tensor, rstd: Tensor,
                        gamma: Tensor | None, beta: Tensor | None, batch_stats: bool):
-    """(grad_z, grad_gamma, grad_beta) of :func:`norm_relu_forward` (see the module doc)."""
+    """(grad_z, grad_gamma, grad_beta) of :func:`norm_relu_forward` (see the module doc);
+    grad_gamma / grad_beta are None where gamma / beta are."""
+    _check_inputs("norm_relu_backward", z, mean, rstd, gamma, beta, grad_a)
+    if _use_kernel(z):
+        grad_z, grad_gamma, grad_beta = torch.ops.vcfast.norm_relu_backward(
+            grad_a.to(z.dtype), z, mean, rstd, gamma, beta, bool(batch_stats))
+        return grad_z, None if gamma is None else grad_gamma, None if beta is None else grad_beta
     if _use_triton(z):
         from vcfast.ops.norm_act_triton import norm_relu_backward_triton
 
