@@ -39,3 +39,72 @@ def test_memory_command(capsys):
     assert main(["memory", "--batch", "2", "--image-size", "64", "--n-critic", "1", "--fits", ""]) == 0
     out = capsys.readouterr().out
     assert "iteration peak" in out and "reference (official)" in out
+
+
+TINY = dict(image_size=64, conv_dim=16, n_critic=1)
+
+
+def _tiny_labels():
+    from vcfast.labels import LabelSpace
+
+    return LabelSpace([("speaker", 10), ("accent", 4), ("sex", 2)])
+
+
+def test_memory_estimate_is_the_estimator():
+    from vcfast.memory import estimate
+
+    assert estimate(2, implementation="vcfast", **SMALL) == estimate_iteration(2, implementation="vcfast", **SMALL)
+
+
+@pytest.mark.parametrize("implementation", ["reference", "vcfast"])
+def test_meta_autocast_emulation_matches_real_cpu_autocast(implementation):
+    """On meta, bf16 autocast is emulated (autocast ignores meta tensors); on CPU the same
+    iteration runs under torch.autocast itself, on real tensors. The tracked bytes agree."""
+    kw = dict(implementation=implementation, label_space=_tiny_labels(), autocast="bf16", **TINY)
+    meta = estimate_iteration(2, **kw)
+    cpu = estimate_iteration(2, device="cpu", **kw)
+    fp32 = estimate_iteration(2, implementation=implementation, label_space=_tiny_labels(), **TINY)
+    assert abs(meta["peak_bytes"] - cpu["peak_bytes"]) <= 0.01 * cpu["peak_allocated_bytes"]
+    for phase in ("d_step", "g_step"):
+        assert abs(meta["phases"][phase] - cpu["phases"][phase]) <= 0.01 * cpu["peak_allocated_bytes"]
+    assert meta["baseline_bytes"] == fp32["baseline_bytes"]  # fp32 weights, grads, optimizer state
+    assert meta["peak_allocated_bytes"] < 0.8 * fp32["peak_allocated_bytes"]
+
+
+def test_checkpointing_lowers_the_g_step_only():
+    plain = estimate_iteration(2, implementation="vcfast", **SMALL)
+    ckpt = estimate_iteration(2, implementation="vcfast", checkpoint_residual_blocks=True, **SMALL)
+    assert ckpt["phases"]["d_step"] == plain["phases"]["d_step"]
+    assert ckpt["phases"]["g_step"] < plain["phases"]["g_step"]
+    with pytest.raises(ValueError, match="checkpoint_residual_blocks"):
+        estimate_iteration(1, implementation="reference", checkpoint_residual_blocks=True, **SMALL)
+    with pytest.raises(ValueError, match="meta"):
+        estimate_iteration(1, checkpoint_residual_blocks=True, autocast="bf16", **SMALL)
+
+
+def test_onednn_workspace_only_adds():
+    plain = estimate_iteration(1, implementation="reference", **SMALL)
+    scratch = estimate_iteration(1, implementation="reference", workspace="onednn", **SMALL)
+    assert scratch["baseline_bytes"] == plain["baseline_bytes"]
+    assert scratch["peak_bytes"] > plain["peak_bytes"]
+
+
+def test_bad_option_arguments():
+    with pytest.raises(ValueError, match="autocast"):
+        estimate_iteration(1, autocast="fp8", **SMALL)
+    with pytest.raises(ValueError, match="dtype"):
+        estimate_iteration(1, autocast="bf16", dtype="bf16", **SMALL)
+    with pytest.raises(ValueError, match="workspace"):
+        estimate_iteration(1, workspace="cudnn", **SMALL)
+    with pytest.raises(ValueError, match="image_size"):
+        estimate_iteration(1, image_size=100)
+
+
+def test_memory_command_options(capsys):
+    assert main(["memory", "--batch", "2", "--image-size", "64", "--n-critic", "1", "--fits", "",
+                 "--checkpoint"]) == 0
+    out = capsys.readouterr().out
+    assert "checkpoint" in out and "iteration peak" in out
+    assert main(["memory", "--batch", "2", "--image-size", "64", "--n-critic", "1", "--fits", "",
+                 "--autocast", "bf16"]) == 0
+    assert "bf16 autocast" in capsys.readouterr().out

@@ -187,3 +187,31 @@ def test_meta_estimate_matches_real_cpu_peak(memory_format):
     real = _measure_extra_memory(code)
     assert 50e6 < real < 200e6
     assert abs(estimate - real) <= 0.15 * real, (estimate, real)
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="needs /proc and glibc malloc")
+def test_measure_process_peak_without_warmup_returns_info():
+    setup = (
+        "import torch\n"
+        "info = {'calls': 0}\n"
+        "def run():\n"
+        "    info['calls'] += 1\n"
+        "    scratch = torch.ones(16 * 2**20)  # 64 MiB, freed before returning\n"
+        "    return torch.zeros(1024)\n"
+    )
+    result = measure_process_peak(setup, warmup=False)
+    assert result["info"] == {"calls": 1}  # no warm-up call
+    assert result["out_bytes"] == 4096
+    assert 60 * 2**20 < result["extra"] < 80 * 2**20
+    assert result["resident_before_ballast"] <= result["baseline"]
+
+
+def test_onednn_scratch_counts_the_weight_reorder():
+    x = torch.empty(1, 2048, 4, 4, device="meta")
+    w = torch.empty(1476, 2048, 4, 4, device="meta")  # the paper D's classifier head
+    out = torch.empty(1, 1476, 1, 1, device="meta")
+    conv = torch.ops.aten.convolution.default
+    assert onednn_conv_scratch(conv, (x, w), {}, out) == x.numel() * 4 + w.numel() * 4
+    backward = torch.ops.aten.convolution_backward.default
+    assert onednn_conv_scratch(backward, (out, x, w), {}, None) == (out.numel() + x.numel() + w.numel()) * 4
+    assert onednn_conv_scratch(torch.ops.aten.add.Tensor, (x, x), {}, x) == 0

@@ -3,119 +3,347 @@
 One iteration (SPEC §5) = ``n_critic`` D steps (real, fake, gradient penalty, masked BCE on
 the classifier, backward, RMSprop step) + one G step (G(x_real, c'), D on it, reconstruction
 G(x_fake, c_real), identity G(x_real, c_real), feature matching on D's 2048x4x4 feature,
-backward, step). It runs on the ``meta`` device under :class:`vcfast.memory.LiveBytesTracker`,
-so the paper-size models at batch 16 are sized without allocating anything.
+backward, step). :class:`TrainingIteration` is that iteration, written once: the estimator
+runs it on the ``meta`` device under :class:`vcfast.memory.LiveBytesTracker` (the paper-size
+models at batch 16 are sized without allocating anything), the validation and the benchmarks
+run the very same code on real CPU tensors (:func:`measure_iteration`).
 
 ``implementation="reference"``: the official StarGAN code's layout (labels tiled and
-concatenated, InstanceNorm + ReLU as separate layers, autograd double-backward penalty).
+concatenated, InstanceNorm + ReLU as separate layers, autograd double-backward penalty,
+plain masked BCE).
 ``implementation="vcfast"``: the same models converted with :func:`vcfast.convert_stargan`
 (LabelConcatConv2d, keep-one-tensor norm-act units), the lean penalty, the fused loss, and
 the identity term back-propagated on its own before the rest of the G loss (gradients
-accumulate; one fewer G graph is alive at the peak).
+accumulate; one fewer G graph is alive at the peak). Options: residual-block checkpointing
+(``checkpoint_residual_blocks``) and bf16 autocast (``autocast="bf16"``: fp32 weights,
+gradients and optimizer state; matmul/conv activations in bf16).
 
-The figures are what the tensors need. They do not include allocator rounding/caching or
-kernel workspaces (cuDNN/oneDNN scratch); see vcfast.memory for what the tracker sees.
+Autocast on the meta device: ``torch.autocast`` only casts tensors of its own device type and
+has no meta variant, so on meta the iteration runs under an emulation of it (a
+``TorchFunctionMode`` applying autocast's casts for the ops these models use; see
+:class:`_MetaAutocast`); on a real device it runs under ``torch.autocast`` itself. A test
+checks that the two give the same bytes on CPU.
+
+The default figures are what the tensors need (GPU-oriented): no allocator rounding or
+caching, no kernel workspaces. ``workspace="onednn"`` adds the model of the scratch PyTorch's
+CPU (oneDNN) convolutions allocate below the dispatcher (:func:`vcfast.memory.onednn_conv_scratch`);
+that is the figure to compare with a real CPU run.
+
+Validated (bench/bench_models.py, torch 2.14.1 CPU, paper size, fp32, 5 D steps + 1 G step,
+memory the iteration adds above weights + gradients + optimizer state + batch): estimate vs
+real peak RSS, reference 2300 vs 2302 MiB (batch 1) and 4583 vs 4587 MiB (batch 2); vcfast
+734 vs 735 MiB and 940 vs 880 MiB (+6.8 %: on meta the norm-act unit runs its unfused
+PyTorch formulation, on CPU the fused C++ kernel; the tracker on real CPU tensors reads the
+same 780 MiB of tensors as meta does once meta takes the fused op's fake).
 """
 
 from __future__ import annotations
 
+import contextlib
+import textwrap
+from collections.abc import Callable
+
 import torch
 import torch.nn.functional as F
+from torch.overrides import TorchFunctionMode
+from torch.utils._pytree import tree_map
 
 from vcfast.labels import LabelSpace
-from vcfast.memory import LiveBytesTracker, tensor_bytes
+from vcfast.memory import LiveBytesTracker, measure_process_peak, onednn_conv_scratch, tensor_bytes
 
-__all__ = ["estimate_iteration", "largest_batches"]
+__all__ = ["TrainingIteration", "build_iteration", "estimate_iteration", "largest_batches",
+           "measure_iteration"]
 
 _DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+_AUTOCAST = {"bf16": torch.bfloat16}
+_WORKSPACES = {None: None, "onednn": onednn_conv_scratch}
+_IMPLEMENTATIONS = ("reference", "vcfast")
+# SPEC §5 loss weights
+LAMBDA_GP = LAMBDA_REC = LAMBDA_ID = LAMBDA_FM = 10.0
 
 
 def _masked_bce_plain(logits, targets):
+    """The plain-PyTorch masked BCE (what official-style code writes; -1 = unknown)."""
     mask = targets != -1
     loss = F.binary_cross_entropy_with_logits(logits, targets.clamp(min=0).to(logits.dtype),
                                               reduction="none")
     return (loss * mask).sum() / mask.sum().clamp_min(1)
 
 
-def estimate_iteration(batch: int = 16, *, implementation: str = "vcfast", dtype: str = "fp32",
-                       image_size: int = 256, label_space: LabelSpace | None = None,
-                       n_critic: int = 5, device: str = "meta") -> dict:
-    """Peak bytes of one training iteration, overall and per phase.
+class TrainingIteration:
+    """Models, optimizers and one batch of data for SPEC §5 training, with the steps as methods.
 
-    Returns ``{"peak_bytes", "baseline_bytes" (weights + gradients + optimizer state),
-    "phases": {"d_step": peak, "g_step": peak}, ...}`` (peaks include the baseline).
+    Build it with :func:`build_iteration`. ``d_step()`` and ``g_step()`` are one discriminator /
+    generator update each; ``run()`` is one full iteration (``n_critic`` D steps + 1 G step).
+    The same object runs on meta or real tensors; nothing here looks at values.
+    """
+
+    def __init__(self, G, D, g_opt, d_opt, data: dict, *, lean: bool, label_space: LabelSpace,
+                 n_critic: int, autocast_dtype: torch.dtype | None, autocast_device: str):
+        self.G, self.D, self.g_opt, self.d_opt = G, D, g_opt, d_opt
+        self.x_real, self.x_orig = data["x_real"], data["x_orig"]
+        self.c_trg, self.c_real, self.t_real = data["c_trg"], data["c_real"], data["t_real"]
+        self.lean = lean
+        self.label_space = label_space
+        self.n_critic = n_critic
+        self.autocast_dtype = autocast_dtype
+        self.autocast_device = autocast_device
+        self._meta_autocast = (_MetaAutocast(autocast_dtype)
+                               if autocast_dtype is not None and autocast_device == "meta" else None)
+        if self._meta_autocast is not None and getattr(G, "checkpoint_residual_blocks", False):
+            raise ValueError("checkpoint_residual_blocks together with autocast is not supported on the meta "
+                             "device (the autocast emulation cannot follow checkpoint recomputation); "
+                             "estimate them separately")
+
+    def baseline_bytes(self) -> int:
+        """Weights + gradient buffers + optimizer state + the batch: what exists before a step."""
+        return tensor_bytes(self.G, self.D, self.g_opt.state, self.d_opt.state, self.x_real,
+                            self.x_orig, self.c_trg, self.c_real, self.t_real)
+
+    def _autocast(self):
+        if self.autocast_dtype is None:
+            return contextlib.nullcontext()
+        if self._meta_autocast is not None:
+            return self._meta_autocast.region()
+        return torch.autocast(self.autocast_device, dtype=self.autocast_dtype)
+
+    def _step_context(self):
+        # On meta the autocast emulation is pushed for the whole step; it acts only inside the
+        # forward regions (``_autocast()``), as autocast does.
+        return self._meta_autocast if self._meta_autocast is not None else contextlib.nullcontext()
+
+    def _cls_loss(self, logits, targets):
+        if self.lean:
+            from vcfast.ops.classification import masked_multigroup_bce
+
+            return masked_multigroup_bce(logits, targets, self.label_space.sizes)
+        return _masked_bce_plain(logits, targets)
+
+    def d_step(self) -> None:
+        """One D update: -D_src(real) + D_src(fake) + cls(real) + 10 GP, backward, RMSprop step."""
+        with self._step_context():
+            self._d_step()
+
+    def g_step(self) -> None:
+        """One G update: adversarial + cls(fake) + 10 reconstruction + 10 identity + 10 feature
+        matching, backward, RMSprop step. vcfast back-propagates the identity term first, on its
+        own graph (its G graph is freed before the other two are built)."""
+        with self._step_context():
+            self._g_step()
+
+    def _d_step(self) -> None:
+        from vcfast.ops.gradient_penalty import gradient_penalty
+
+        G, D = self.G, self.D
+        self.d_opt.zero_grad(set_to_none=False)
+        with self._autocast():
+            with torch.no_grad():
+                x_fake = G(self.x_real, self.c_trg).to(self.x_real.dtype)
+            src_real, cls_real = D(self.x_real)
+            src_fake, _ = D(x_fake)
+            d_loss = -src_real.mean() + src_fake.mean() + self._cls_loss(cls_real, self.t_real)
+            d_loss = d_loss + gradient_penalty(D, self.x_orig, x_fake, weight=LAMBDA_GP,
+                                               mode="lean" if self.lean else "autograd")
+        d_loss.backward()
+        self.d_opt.step()
+
+    def _g_step(self) -> None:
+        G, D, x_real = self.G, self.D, self.x_real
+        self.g_opt.zero_grad(set_to_none=False)
+        if self.lean:
+            with self._autocast():
+                id_loss = LAMBDA_ID * (G(x_real, self.c_real) - x_real).pow(2).mean()
+            id_loss.backward()
+            del id_loss
+        with self._autocast():
+            x_fake = G(x_real, self.c_trg)
+            src_fake, cls_fake = D(x_fake)
+            g_loss = -src_fake.mean() + self._cls_loss(cls_fake, self.t_real)
+            g_loss = g_loss + LAMBDA_REC * (G(x_fake, self.c_real) - x_real).pow(2).mean()
+            if not self.lean:
+                g_loss = g_loss + LAMBDA_ID * (G(x_real, self.c_real) - x_real).pow(2).mean()
+            g_loss = g_loss + LAMBDA_FM * (D.features(x_fake) - D.features(self.x_orig).detach()).pow(2).mean()
+        g_loss.backward()
+        self.g_opt.step()
+
+    def run(self, tracker: LiveBytesTracker | None = None,
+            after_d_steps: Callable[[], None] | None = None) -> None:
+        """One full iteration; with a tracker, the D steps and the G step are its phases
+        ``"d_step"`` and ``"g_step"``. ``after_d_steps`` is called between the two (e.g. to read
+        the process's peak memory so far)."""
+        phase = tracker.phase if tracker is not None else (lambda _name: contextlib.nullcontext())
+        for _ in range(self.n_critic):
+            with phase("d_step"):
+                self.d_step()
+        if after_d_steps is not None:
+            after_d_steps()
+        with phase("g_step"):
+            self.g_step()
+
+
+def _check_options(batch, implementation, dtype, autocast, workspace=None, n_critic=1):
+    if implementation not in _IMPLEMENTATIONS:
+        raise ValueError(f"implementation must be 'vcfast' or 'reference', got {implementation!r}")
+    if dtype not in _DTYPES:
+        raise ValueError(f"dtype must be one of {sorted(_DTYPES)}, got {dtype!r}")
+    if isinstance(batch, bool) or not isinstance(batch, int) or batch < 1:
+        raise ValueError(f"batch must be an int >= 1, got {batch!r}")
+    if autocast not in (None, *_AUTOCAST):
+        raise ValueError(f"autocast must be None or one of {sorted(_AUTOCAST)}, got {autocast!r}")
+    if autocast is not None and dtype != "fp32":
+        raise ValueError(f"autocast={autocast!r} keeps fp32 weights: dtype must be 'fp32', got {dtype!r}")
+    if workspace not in _WORKSPACES:
+        raise ValueError(f"workspace must be None or 'onednn', got {workspace!r}")
+    if isinstance(n_critic, bool) or not isinstance(n_critic, int) or n_critic < 0:
+        raise ValueError(f"n_critic must be an int >= 0, got {n_critic!r}")
+
+
+def build_iteration(batch: int = 16, *, implementation: str = "vcfast", dtype: str = "fp32",
+                    image_size: int = 256, label_space: LabelSpace | None = None, conv_dim: int = 64,
+                    n_critic: int = 5, device: str | torch.device = "meta",
+                    checkpoint_residual_blocks: bool = False, autocast: str | None = None,
+                    seed: int = 0) -> TrainingIteration:
+    """Models (paper size by default), RMSprop optimizers (lr 1e-5, SPEC §5) with their state
+    in place (one zero-gradient step each), and one batch of random data, on ``device``.
+
+    ``conv_dim`` scales both networks (64 = paper; G has 6 residual blocks, D 6 stride-2
+    convs, so ``image_size`` must be a multiple of 64). ``checkpoint_residual_blocks`` only
+    applies to ``implementation="vcfast"``. Create and run fake-tensor iterations inside the
+    same ``FakeTensorMode`` (see :func:`estimate_iteration`).
     """
     from vcfast.models import OfficialGenerator, StarGANDiscriminator, convert_stargan
-    from vcfast.ops.classification import masked_multigroup_bce
-    from vcfast.ops.gradient_penalty import gradient_penalty
 
-    if implementation not in ("vcfast", "reference"):
-        raise ValueError(f"estimate_iteration: implementation must be 'vcfast' or 'reference', "
-                         f"got {implementation!r}")
-    if dtype not in _DTYPES:
-        raise ValueError(f"estimate_iteration: dtype must be one of {sorted(_DTYPES)}, got {dtype!r}")
-    if not isinstance(batch, int) or batch < 1:
-        raise ValueError(f"estimate_iteration: batch must be an int >= 1, got {batch!r}")
-    labels = label_space or LabelSpace()
+    _check_options(batch, implementation, dtype, autocast, n_critic=n_critic)
+    if checkpoint_residual_blocks and implementation != "vcfast":
+        raise ValueError("checkpoint_residual_blocks applies to implementation='vcfast' only")
+    if isinstance(image_size, bool) or not isinstance(image_size, int) or image_size < 64 or image_size % 64:
+        raise ValueError(f"image_size must be a positive multiple of 64, got {image_size!r}")
+    labels = label_space if label_space is not None else LabelSpace()
     lean = implementation == "vcfast"
     param_dtype = _DTYPES[dtype]
+    device = torch.device(device)
+    torch.manual_seed(seed)
     with torch.device(device):
-        G = OfficialGenerator(c_dim=labels.input_dim).to(param_dtype)
-        D = StarGANDiscriminator(image_size=image_size, n_classes=labels.n_classes).to(param_dtype)
+        G = OfficialGenerator(conv_dim=conv_dim, c_dim=labels.input_dim)
+        D = StarGANDiscriminator(image_size=image_size, conv_dim=conv_dim, n_classes=labels.n_classes)
+    if param_dtype != torch.float32:  # (fake tensors cannot be converted in place: only when needed)
+        G, D = G.to(param_dtype), D.to(param_dtype)
     if lean:
         G, D = convert_stargan(G), convert_stargan(D)
+        G.checkpoint_residual_blocks = bool(checkpoint_residual_blocks)
     g_opt = torch.optim.RMSprop(G.parameters(), lr=1e-5)
     d_opt = torch.optim.RMSprop(D.parameters(), lr=1e-5)
-
-    def data():
-        x = torch.rand(batch, 1, image_size, image_size, device=device, dtype=param_dtype)
-        c = torch.rand(batch, labels.input_dim, device=device, dtype=param_dtype)
-        t = torch.randint(-1, 2, (batch, labels.n_classes), device=device, dtype=torch.int8)
-        return x, c, t
-
-    def cls_loss(logits, targets):
-        return masked_multigroup_bce(logits, targets, labels.sizes) if lean else _masked_bce_plain(logits, targets)
-
     # Optimizer state exists from the first step on; take one step of each so the baseline
     # (weights + gradients + RMSprop square averages) is in place before measuring.
     for opt, model in ((d_opt, D), (g_opt, G)):
         for p in model.parameters():
             p.grad = torch.zeros_like(p)
         opt.step()
-    x_real, c_trg, t_real = data()
-    x_orig = x_real.clone()
-    baseline = tensor_bytes(G, D, g_opt.state, d_opt.state, x_real, c_trg, t_real, x_orig)
-    tracker = LiveBytesTracker(baseline_bytes=baseline)
+    x_real = torch.rand(batch, 1, image_size, image_size, device=device, dtype=param_dtype)
+    c_trg = torch.rand(batch, labels.input_dim, device=device, dtype=param_dtype)
+    t_real = torch.randint(-1, 2, (batch, labels.n_classes), device=device, dtype=torch.int8)
+    data = dict(x_real=x_real, x_orig=x_real.clone(), c_trg=c_trg,
+                c_real=c_trg,  # the real labels' vector: same shape, same memory
+                t_real=t_real)
+    return TrainingIteration(G, D, g_opt, d_opt, data, lean=lean, label_space=labels, n_critic=n_critic,
+                             autocast_dtype=_AUTOCAST.get(autocast), autocast_device=device.type)
+
+
+class _MetaAutocast(TorchFunctionMode):
+    """``torch.autocast`` for meta tensors (which autocast ignores: it only casts tensors of its
+    own device type, and has no meta variant).
+
+    Sits above autograd like autocast itself, so the casts are recorded and the backward sees
+    the same dtypes as under real autocast. The op lists are the part of PyTorch's autocast
+    lists (CPU and CUDA agree on them) that this iteration's models and losses use:
+    convolutions, transposed convolutions and matrix products run in ``dtype``;
+    ``binary_cross_entropy_with_logits`` and ``mse_loss`` in float32; everything else in its
+    inputs' dtype (type promotion, as under autocast). As autocast does, the low-precision
+    copy of a leaf tensor that requires grad (a weight) is made once per autocast region.
+    Active inside :meth:`region` only. Not emulated: re-entering autocast in backward (for
+    activation-checkpoint recomputation or ``custom_bwd`` Functions), because ``backward()``
+    itself passes through the mode, which is switched off while it handles a call; so
+    ``checkpoint_residual_blocks`` with ``autocast`` is refused on meta.
+    Checked against real CPU autocast by tests/test_estimate.py (same tracked bytes).
+    """
+
+    _LOWER = frozenset({torch.conv1d, torch.conv2d, torch.conv3d, torch.conv_transpose1d,
+                        torch.conv_transpose2d, torch.conv_transpose3d, torch.convolution,
+                        F.linear, torch.matmul, torch.Tensor.matmul, torch.Tensor.__matmul__,
+                        torch.mm, torch.Tensor.mm, torch.bmm, torch.Tensor.bmm, torch.addmm,
+                        torch.baddbmm, torch.addbmm})
+    _FP32 = frozenset({F.binary_cross_entropy_with_logits, torch.binary_cross_entropy_with_logits,
+                       F.mse_loss})
+
+    def __init__(self, dtype: torch.dtype):
+        super().__init__()
+        self.dtype = dtype
+        self._in_region = False
+        self._weight_casts: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+
+    @contextlib.contextmanager
+    def region(self):
+        """The equivalent of ``with torch.autocast(...):`` (the cast cache lives as long)."""
+        self._in_region = True
+        try:
+            yield
+        finally:
+            self._in_region = False
+            self._weight_casts.clear()
+
+    def _cast(self, t, target: torch.dtype):
+        if not (isinstance(t, torch.Tensor) and t.is_floating_point() and t.dtype != target):
+            return t
+        cacheable = target == self.dtype and t.is_leaf and t.requires_grad and self._in_region
+        if cacheable:
+            hit = self._weight_casts.get(id(t))
+            if hit is not None and hit[0] is t:
+                return hit[1]
+        out = t.to(target)
+        if cacheable:
+            self._weight_casts[id(t)] = (t, out)
+        return out
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if self._in_region:
+            target = self.dtype if func in self._LOWER else torch.float32 if func in self._FP32 else None
+            if target is not None:
+                args, kwargs = tree_map(lambda t: self._cast(t, target), (args, kwargs))
+        return func(*args, **kwargs)
+
+
+def estimate_iteration(batch: int = 16, *, implementation: str = "vcfast", dtype: str = "fp32",
+                       image_size: int = 256, label_space: LabelSpace | None = None,
+                       conv_dim: int = 64, n_critic: int = 5, device: str = "meta",
+                       checkpoint_residual_blocks: bool = False, autocast: str | None = None,
+                       workspace: str | None = None) -> dict:
+    """Peak bytes of one training iteration, overall and per phase.
+
+    ``autocast="bf16"``: fp32 weights, bf16 autocast (run on fake CPU tensors, see the module
+    doc; CPU autocast's op lists). ``checkpoint_residual_blocks``: vcfast G recomputes its
+    residual blocks in backward. ``workspace="onednn"``: add the CPU convolution scratch model
+    (for comparing with a real CPU run); default ``None`` counts tensors only.
+
+    Returns ``{"peak_bytes", "baseline_bytes" (weights + gradients + optimizer state + batch),
+    "peak_allocated_bytes" (peak minus baseline), "phases": {"d_step": peak, "g_step": peak},
+    ...options}`` (phase peaks include the baseline).
+    """
+    _check_options(batch, implementation, dtype, autocast, workspace, n_critic)
+    iteration = build_iteration(batch, implementation=implementation, dtype=dtype,
+                                image_size=image_size, label_space=label_space, conv_dim=conv_dim,
+                                n_critic=n_critic, device=device,
+                                checkpoint_residual_blocks=checkpoint_residual_blocks, autocast=autocast)
+    baseline = iteration.baseline_bytes()
+    tracker = LiveBytesTracker(baseline_bytes=baseline, scratch=_WORKSPACES[workspace])
     with tracker:
-        for _ in range(n_critic):
-            with tracker.phase("d_step"):
-                d_opt.zero_grad(set_to_none=False)
-                with torch.no_grad():
-                    x_fake = G(x_real, c_trg)
-                src_real, cls_real = D(x_real)
-                src_fake, _ = D(x_fake)
-                d_loss = -src_real.mean() + src_fake.mean() + cls_loss(cls_real, t_real)
-                d_loss = d_loss + gradient_penalty(D, x_orig, x_fake, mode="lean" if lean else "autograd")
-                d_loss.backward()
-                d_opt.step()
-                del x_fake, src_real, cls_real, src_fake, d_loss
-        with tracker.phase("g_step"):
-            g_opt.zero_grad(set_to_none=False)
-            c_real = c_trg  # the real labels' vector: same shape, same memory
-            if lean:  # identity term first, on its own graph
-                (10 * (G(x_real, c_real) - x_real).pow(2).mean()).backward()
-            x_fake = G(x_real, c_trg)
-            src_fake, cls_fake = D(x_fake)
-            g_loss = -src_fake.mean() + cls_loss(cls_fake, t_real)
-            g_loss = g_loss + 10 * (G(x_fake, c_real) - x_real).pow(2).mean()
-            if not lean:
-                g_loss = g_loss + 10 * (G(x_real, c_real) - x_real).pow(2).mean()
-            g_loss = g_loss + 10 * (D.features(x_fake) - D.features(x_orig).detach()).pow(2).mean()
-            g_loss.backward()
-            g_opt.step()
+        iteration.run(tracker)
     return {
         "implementation": implementation, "batch": batch, "dtype": dtype, "image_size": image_size,
+        "conv_dim": conv_dim, "n_critic": n_critic, "autocast": autocast,
+        "checkpoint_residual_blocks": bool(checkpoint_residual_blocks), "workspace": workspace,
         "peak_bytes": tracker.peak_bytes, "baseline_bytes": baseline,
+        "peak_allocated_bytes": tracker.peak_allocated_bytes,
         "phases": dict(tracker.phase_peaks),
     }
 
@@ -125,7 +353,7 @@ def largest_batches(budgets_bytes: list[int], *, implementation: str = "vcfast",
 
     Peak memory is affine in the batch (weights and optimizer state fixed, activations per
     sample), so batches 1 and 2 give the line; each answer is then confirmed by estimating it
-    (and stepped down while it does not fit).
+    (and stepped down while it does not fit). ``kwargs`` go to :func:`estimate_iteration`.
     """
     def peak(batch: int) -> int:
         return estimate_iteration(batch, implementation=implementation, **kwargs)["peak_bytes"]
@@ -139,3 +367,70 @@ def largest_batches(budgets_bytes: list[int], *, implementation: str = "vcfast",
             guess -= 1
         answers[budget] = max(guess, 0)
     return answers
+
+
+_MEASURE_SETUP = textwrap.dedent(
+    """
+    import resource
+    import torch
+    from vcfast.estimate import build_iteration
+    from vcfast.labels import LabelSpace
+
+    def _resident():
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * resource.getpagesize()
+
+    def _max_rss():
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+    info = {{"process_bytes": _resident()}}   # interpreter + torch + vcfast, before any model
+    groups = {groups!r}
+    iteration = build_iteration({batch}, implementation={implementation!r}, image_size={image_size},
+                                conv_dim={conv_dim}, n_critic={n_critic}, device="cpu",
+                                label_space=LabelSpace(groups) if groups else None,
+                                checkpoint_residual_blocks={checkpoint!r}, autocast={autocast!r})
+    info["built_bytes"] = _resident()
+    info["estimated_baseline_bytes"] = iteration.baseline_bytes()
+
+    def run():
+        iteration.run(after_d_steps=lambda: info.__setitem__("d_steps_max_rss", _max_rss()))
+        return torch.zeros(0)
+    """
+)
+
+
+def measure_iteration(batch: int, *, implementation: str = "vcfast", image_size: int = 256,
+                      label_space: LabelSpace | None = None, conv_dim: int = 64, n_critic: int = 5,
+                      checkpoint_residual_blocks: bool = False, autocast: str | None = None,
+                      warmup: bool = True, threads: int = 2) -> dict:
+    """Real peak memory of one iteration on CPU (fp32), in a fresh process.
+
+    Method (:func:`vcfast.memory.measure_process_peak`, no warm-up call): glibc returns freed
+    memory at once (``MALLOC_MMAP_THRESHOLD_=MALLOC_TRIM_THRESHOLD_=65536``); models,
+    optimizer state (one zero-gradient step) and the batch are built, then the baseline is the
+    resident size (lifted by a ballast to the high-water mark so ru_maxrss moves with the
+    iteration's first byte); the peak is ru_maxrss after the iteration. Returns
+    ``{"peak_allocated_bytes"}`` (peak - baseline: what the iteration adds, compare with
+    :func:`estimate_iteration`'s ``peak_allocated_bytes`` with ``workspace="onednn"``),
+    ``"d_steps_allocated_bytes"`` (the same up to the end of the D steps),
+    ``"peak_bytes"`` (peak above the process's footprint before any model, i.e. weights +
+    state + batch + iteration: compare with the estimate's ``peak_bytes``), ``"process_bytes"``,
+    ``"built_bytes"`` (resident after building), and the raw figures.
+    """
+    _check_options(batch, implementation, "fp32", autocast, n_critic=n_critic)
+    groups = tuple(zip(label_space.names, label_space.sizes)) if label_space is not None else None
+    setup = _MEASURE_SETUP.format(groups=groups, batch=batch, implementation=implementation,
+                                  image_size=image_size, conv_dim=conv_dim, n_critic=n_critic,
+                                  checkpoint=bool(checkpoint_residual_blocks), autocast=autocast)
+    raw = measure_process_peak(setup, threads=threads, warmup=warmup)
+    info = raw["info"]
+    before_ballast = raw["resident_before_ballast"]
+    return {
+        "implementation": implementation, "batch": batch, "image_size": image_size, "conv_dim": conv_dim,
+        "peak_allocated_bytes": raw["extra"],
+        "d_steps_allocated_bytes": max(0, info["d_steps_max_rss"] - raw["baseline"]),
+        "peak_bytes": before_ballast - info["process_bytes"] + raw["extra"],
+        "process_bytes": info["process_bytes"], "built_bytes": info["built_bytes"],
+        "estimated_baseline_bytes": info["estimated_baseline_bytes"],
+        "raw": raw,
+    }

@@ -45,7 +45,7 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
-__all__ = ["LiveBytesTracker", "measure_process_peak", "onednn_conv_scratch", "peak_memory", "tensor_bytes"]
+__all__ = ["LiveBytesTracker", "estimate", "measure_process_peak", "onednn_conv_scratch", "peak_memory", "tensor_bytes"]
 
 
 def _storage(t: torch.Tensor):
@@ -238,20 +238,25 @@ def _nbytes(t: Any) -> int:
 def onednn_conv_scratch(func, args, kwargs, out) -> int:
     """Scratch model of PyTorch's CPU (oneDNN) convolutions on contiguous (NCHW) tensors.
 
-    Measured on torch 2.14 CPU (fresh process, glibc trimming as in ``bench/conftest.py``, 3x3
-    convs, batch 2, 64-128 channels, 64-128 px): ``aten.convolution`` holds about
-    max(input, output) bytes of reordered copies, ``aten.convolution_backward`` about
-    input + grad_output bytes. Channels-last input or weight: no reorder, ~0 scratch, so this
-    returns 0. Other ops: 0.
+    Measured on torch 2.14 CPU (fresh process, glibc trimming as in ``bench/conftest.py``):
+    oneDNN reorders NCHW activations and OIHW weights into blocked layouts inside the kernel,
+    below the dispatcher. ``aten.convolution`` holds about max(input, output) + weight bytes
+    of reordered copies, ``aten.convolution_backward`` about input + grad_output + weight
+    bytes (the weight gradient is computed blocked, then reordered into the plain result).
+    The activation terms were fitted on 3x3 convs (batch 2, 64-128 channels, 64-128 px); the
+    weight term on the paper-size StarGAN D, whose 4x4 2048->1476 classifier head (185 MiB
+    of weight, 128 KiB of input at batch 1) raises the peak by its weight size in both
+    directions. Channels-last input or weight: no activation reorder, ~0 scratch measured on
+    the small convs, so this returns 0. Other ops: 0.
     """
     name = getattr(func, "__name__", "")
     if not name.startswith(("convolution.", "convolution_backward.")) or func.namespace != "aten":
         return 0
     if name.startswith("convolution."):
         x, w = args[0], args[1]
-        return 0 if _channels_last(x, w) else max(_nbytes(x), _nbytes(out))
+        return 0 if _channels_last(x, w) else max(_nbytes(x), _nbytes(out)) + _nbytes(w)
     grad_out, x, w = args[0], args[1], args[2]
-    return 0 if _channels_last(x, w) else _nbytes(grad_out) + _nbytes(x)
+    return 0 if _channels_last(x, w) else _nbytes(grad_out) + _nbytes(x) + _nbytes(w)
 
 
 def _channels_last(x: torch.Tensor, w: torch.Tensor) -> bool:
@@ -331,9 +336,13 @@ _MEASURE = textwrap.dedent(
     setup = {{}}
     exec({setup!r}, setup)
     run = setup["run"]
-    out = run()          # warm-up: plans, thread pools, lazily created buffers
-    out_bytes = sum(t.numel() * t.element_size() for t in (out if isinstance(out, tuple) else (out,)))
-    del out
+    def nbytes(out):
+        return sum(t.numel() * t.element_size() for t in (out if isinstance(out, tuple) else (out,)))
+    out_bytes = 0
+    if {warmup!r}:
+        out = run()      # warm-up: plans, thread pools, lazily created buffers
+        out_bytes = nbytes(out)
+        del out
     gc.collect()
     page = resource.getpagesize()
     def resident():
@@ -342,27 +351,34 @@ _MEASURE = textwrap.dedent(
     # ru_maxrss cannot be reset and imports peak above the steady state, which would hide a
     # smaller peak of the call. A touched ballast lifts the resident size to the high-water
     # mark, so any allocation by the call raises the mark by exactly what it adds.
+    before_ballast = resident()
     lifetime_peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-    gap = lifetime_peak - resident()
+    gap = lifetime_peak - before_ballast
     ballast = torch.ones(gap // 4 + 4096) if gap > 0 else None
     baseline = resident()
     out = run()
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-    print(json.dumps({{"baseline": baseline, "peak": peak, "out_bytes": out_bytes}}))
+    if not {warmup!r}:
+        out_bytes = nbytes(out)
+    print(json.dumps({{"baseline": baseline, "peak": peak, "out_bytes": out_bytes,
+                      "resident_before_ballast": before_ballast, "info": setup.get("info", {{}})}}))
     """
 )
 
 
-def measure_process_peak(setup_code: str, threads: int = 2) -> dict:
+def measure_process_peak(setup_code: str, threads: int = 2, warmup: bool = True) -> dict:
     """Peak bytes a call allocates beyond its output, measured in a fresh process.
 
-    ``setup_code`` defines ``run()`` returning the output tensor(s). glibc is told to return
-    freed memory at once (else it keeps it and hides peaks); the baseline is the resident
-    size after a warm-up call (lifted to the high-water mark by a ballast), the peak is
-    ru_maxrss, so peak - baseline - output is the transient working memory of one call.
+    ``setup_code`` defines ``run()`` returning the output tensor(s), and optionally a dict
+    ``info`` (JSON-serialisable) that comes back as ``result["info"]`` after the call. glibc is
+    told to return freed memory at once (else it keeps it and hides peaks); the baseline is
+    the resident size after a warm-up call (``warmup=False``: after the setup code alone, for
+    calls too slow to run twice), lifted to the high-water mark by a ballast; the peak is
+    ru_maxrss, so ``extra`` = peak - baseline - output is the transient working memory of one
+    call. Also returned: ``baseline``, ``peak``, ``out_bytes``, ``resident_before_ballast``.
     """
     env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536", MALLOC_TRIM_THRESHOLD_="65536")
-    code = _MEASURE.format(threads=threads, setup=setup_code)
+    code = _MEASURE.format(threads=threads, setup=setup_code, warmup=bool(warmup))
     result = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
                             check=False)
     if result.returncode != 0:
@@ -370,3 +386,14 @@ def measure_process_peak(setup_code: str, threads: int = 2) -> dict:
     figures = json.loads(result.stdout.strip().splitlines()[-1])
     figures["extra"] = max(0, figures["peak"] - figures["baseline"] - figures["out_bytes"])
     return figures
+
+
+def estimate(*args: Any, **kwargs: Any) -> dict:
+    """Peak memory of one StarGAN-VC training iteration: :func:`vcfast.estimate.estimate_iteration`
+    (same arguments, e.g. ``estimate(16, implementation="reference", dtype="fp32")``).
+
+    Imported on call because vcfast.estimate itself builds on this module.
+    """
+    from vcfast.estimate import estimate_iteration
+
+    return estimate_iteration(*args, **kwargs)

@@ -573,13 +573,16 @@ def train(
 
     from tqdm.auto import tqdm
 
+    # A run bounded by wall time (the demo) has no meaningful step total: an open-ended bar
+    # beats one that shows "0/1000000, ETA 6000 h".
+    time_bounded = config.max_minutes is not None and config.steps >= 100_000
     bar = tqdm(
-        total=config.steps,
+        total=None if time_bounded else config.steps,
         initial=step,
         disable=not progress,
         unit="step",
         dynamic_ncols=True,
-        desc="train",
+        desc=f"train (<= {config.max_minutes:g} min)" if time_bounded else "train",
     )
     start_time = time.monotonic()
     train_seconds, steps_this_run = 0.0, 0
