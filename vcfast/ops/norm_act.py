@@ -166,7 +166,10 @@ def _check_inputs(name: str, z: Tensor, mean: Tensor | None = None, rstd: Tensor
 
 
 def _use_kernel(t: Tensor) -> bool:
-    return _HAS_KERNEL and t.device.type == "cpu"
+    # Meta tensors go through the op's fake implementation: the memory estimator then sizes
+    # the fused op (outputs only), as the CPU kernel and the Triton kernels really run it,
+    # rather than the reference's elementwise temporaries.
+    return _HAS_KERNEL and t.device.type in ("cpu", "meta")
 
 
 if _HAS_KERNEL:
