@@ -329,3 +329,31 @@ def test_bad_modules_raise():
         StarGANGenerator(**SMALL, out_activation="relu")
     with pytest.raises(ValueError, match="out_activation"):
         OfficialGenerator(**SMALL, out_activation="relu")
+
+
+def test_inference_mode_uses_instance_statistics_and_leaves_state_alone():
+    """Conversion normalises each spectrogram with its own statistics (as training does and
+    the official StarGAN test code does), never touches the running statistics, and restores
+    every module's mode; "running" is plain eval mode."""
+    from vcfast.models import inference_mode
+
+    torch.manual_seed(0)
+    G = StarGANGenerator(conv_dim=4, c_dim=5, repeat_num=1)
+    x, c = torch.rand(2, 1, 16, 16), torch.rand(2, 5)
+    expected_instance = G(x, c).detach()  # train mode: instance statistics (updates running ones)
+    G.eval()
+    with torch.no_grad():
+        expected_running = G(x, c)
+    state = {k: v.clone() for k, v in G.state_dict().items()}
+    with torch.no_grad(), inference_mode(G):
+        converted = G(x, c)
+    torch.testing.assert_close(converted, expected_instance)
+    assert not torch.allclose(converted, expected_running, atol=1e-3)
+    for k, v in G.state_dict().items():
+        assert torch.equal(v, state[k]), k
+    assert not any(m.training for m in G.modules())
+    with torch.no_grad(), inference_mode(G, "running"):
+        torch.testing.assert_close(G(x, c), expected_running)
+    with pytest.raises(ValueError, match="norm_statistics"):
+        with inference_mode(G, "batch"):
+            pass

@@ -32,6 +32,7 @@ from torch import nn
 
 from vcfast.data.audio import SAMPLE_RATE, peak_normalize
 from vcfast.labels import LabelSpace
+from vcfast.models.generator import inference_mode
 from vcfast.ops.inverse import spectrogram_to_wave
 from vcfast.ops.spectrogram import PRESETS, log_spectrogram
 
@@ -112,19 +113,24 @@ def _check_window_args(window_frames, overlap_frames, batch_size) -> None:
 def convert_spectrogram(generator: nn.Module, label_space: LabelSpace, spec: torch.Tensor,
                         target: Mapping[str, str | int | None], *, window_frames: int = 256,
                         overlap_frames: int = 64, batch_size: int = 8,
-                        device: torch.device | str | None = None) -> tuple[torch.Tensor, int]:
+                        device: torch.device | str | None = None,
+                        norm_statistics: str = "instance") -> tuple[torch.Tensor, int]:
     """Convert a spectrogram of any length window by window; returns ``(spec_out, windows)``.
 
     Args:
         generator: maps ``(x [N, 1, bins, window_frames], c [N, label_space.input_dim])`` to a
-            tensor of the same shape as ``x`` (a StarGANGenerator). Run in eval mode under
-            ``torch.no_grad()``; its train/eval mode is restored afterwards.
+            tensor of the same shape as ``x`` (a StarGANGenerator). Run under
+            ``torch.no_grad()`` in :func:`vcfast.models.inference_mode`; every module's
+            train/eval mode is restored afterwards.
         label_space: the label space the generator was trained with.
         spec: ``[bins, F]`` spectrogram (stargan_vc: 256 bins, values in [0, 1]), F >= 1.
         target: ``{group: class name | index | None}``; missing groups are unknown.
         window_frames, overlap_frames: window length and overlap in frames.
         batch_size: windows per generator call.
         device: where the generator runs; default: the generator's device.
+        norm_statistics: ``"instance"`` (default; InstanceNorm with each window's own
+            statistics, as in training and in the official StarGAN test code) or
+            ``"running"`` (eval mode); see :func:`vcfast.models.inference_mode`.
 
     Returns:
         ``spec_out`` ``[bins, F]`` float32 on ``spec``'s device, and the number of windows.
@@ -144,9 +150,7 @@ def convert_spectrogram(generator: nn.Module, label_space: LabelSpace, spec: tor
     windows = torch.stack([padded[:, s:s + window_frames] for s in starts]).unsqueeze(1)
     labels = label_space.generator_input([indices], device=run_device)
 
-    was_training = generator.training
-    generator.eval()
-    try:
+    with inference_mode(generator, norm_statistics):
         outputs = []
         for i in range(0, len(starts), batch_size):
             chunk = windows[i:i + batch_size]
@@ -158,8 +162,6 @@ def convert_spectrogram(generator: nn.Module, label_space: LabelSpace, spec: tor
                                  "suit its down-sampling, e.g. a multiple of 4)")
             outputs.append(out.float())
         converted = torch.cat(outputs)[:, 0]  # [n_windows, bins, window_frames]
-    finally:
-        generator.train(was_training)
 
     total = torch.zeros(bins, padded_frames, dtype=torch.float32, device=run_device)
     weight_sum = torch.zeros(padded_frames, dtype=torch.float32, device=run_device)
@@ -174,7 +176,8 @@ def convert_spectrogram(generator: nn.Module, label_space: LabelSpace, spec: tor
 def convert_wave(generator: nn.Module, label_space: LabelSpace, wave: torch.Tensor,
                  target: Mapping[str, str | int | None], *, window_frames: int = 256,
                  overlap_frames: int = 64, n_iter: int = 32, batch_size: int = 8,
-                 device: torch.device | str | None = None) -> tuple[torch.Tensor, dict]:
+                 device: torch.device | str | None = None,
+                 norm_statistics: str = "instance") -> tuple[torch.Tensor, dict]:
     """Convert a 16 kHz utterance of any length to the ``target`` labels.
 
     Args:
@@ -190,6 +193,7 @@ def convert_wave(generator: nn.Module, label_space: LabelSpace, wave: torch.Tens
         batch_size: windows per generator call.
         device: where the spectrogram, generator and Griffin-Lim run; default: the
             generator's device.
+        norm_statistics: see :func:`convert_spectrogram`.
 
     Returns:
         ``(wave_out, info)``: ``wave_out`` ``[T]`` float32 on CPU at 16 kHz, peak 0.95;
@@ -235,7 +239,8 @@ def convert_wave(generator: nn.Module, label_space: LabelSpace, wave: torch.Tens
     gen_start = time.perf_counter()
     converted, n_windows = convert_spectrogram(
         generator, label_space, spec, target, window_frames=window_frames,
-        overlap_frames=overlap_frames, batch_size=batch_size, device=run_device)
+        overlap_frames=overlap_frames, batch_size=batch_size, device=run_device,
+        norm_statistics=norm_statistics)
     gl_start = time.perf_counter()
     out, convergence = spectrogram_to_wave(converted, n_iter=n_iter, return_convergence=True)
     out = peak_normalize(out[margin:margin + samples]) * _OUTPUT_PEAK

@@ -2,7 +2,7 @@
 
 from vcfast.models.convert import convert_stargan
 from vcfast.models.discriminator import StarGANDiscriminator
-from vcfast.models.generator import StarGANGenerator
+from vcfast.models.generator import StarGANGenerator, inference_mode
 from vcfast.models.official import OfficialDiscriminator, OfficialGenerator, OfficialResidualBlock
 
 __all__ = [
@@ -12,4 +12,5 @@ __all__ = [
     "StarGANDiscriminator",
     "StarGANGenerator",
     "convert_stargan",
+    "inference_mode",
 ]

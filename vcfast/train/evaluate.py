@@ -9,6 +9,7 @@ import torch
 from vcfast.data import Corpus, StarGANPairDataset
 from vcfast.labels import LabelSpace
 from vcfast.metrics import multigroup_accuracy
+from vcfast.models.generator import inference_mode
 from vcfast.ops.inverse import spectrogram_to_wave
 from vcfast.train.models import FULL_IMAGE_SIZE, model_spectrogram, spectrogram_overrides
 
@@ -72,38 +73,38 @@ def evaluate(
     if max_utterances is not None:
         n_items = min(n_items, int(max_utterances))
     dataset = StarGANPairDataset(held_out, seed=seed, items_per_epoch=n_items)
-    was_training = (generator.training, discriminator.training)
-    generator.eval()
+    was_training = discriminator.training
     discriminator.eval()
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16)
     logits_real, logits_fake, labels_real, labels_orig = [], [], [], []
     l1_sum, l1_count = 0.0, 0
     first_converted = None
+    # G converts as `vcfast convert` does: instance statistics (vcfast.models.inference_mode).
     try:
-        for start in range(0, n_items, batch_size):
-            items = [dataset[i] for i in range(start, min(start + batch_size, n_items))]
-            wave_real = torch.stack([item["wave_real"] for item in items]).to(device)
-            real_idx = torch.stack([item["labels_real"] for item in items]).to(device)
-            orig_idx = torch.stack([item["labels_orig"] for item in items]).to(device)
-            x_real = model_spectrogram(wave_real, image_size)
-            c_real = label_space.generator_input(real_idx, device=device)
-            c_target = label_space.generator_input(orig_idx, device=device)
-            with autocast:
-                x_fake = generator(x_real, c_target).float()
-                x_rec = generator(x_fake, c_real).float()
-                _, cls_real = discriminator(x_real)
-                _, cls_fake = discriminator(x_fake)
-            logits_real.append(cls_real.float().cpu())
-            logits_fake.append(cls_fake.float().cpu())
-            labels_real.append(real_idx.cpu())
-            labels_orig.append(orig_idx.cpu())
-            l1_sum += float((x_rec - x_real).abs().sum())
-            l1_count += x_real.numel()
-            if first_converted is None:
-                first_converted = x_fake[0, 0].float()
+        with inference_mode(generator):
+            for start in range(0, n_items, batch_size):
+                items = [dataset[i] for i in range(start, min(start + batch_size, n_items))]
+                wave_real = torch.stack([item["wave_real"] for item in items]).to(device)
+                real_idx = torch.stack([item["labels_real"] for item in items]).to(device)
+                orig_idx = torch.stack([item["labels_orig"] for item in items]).to(device)
+                x_real = model_spectrogram(wave_real, image_size)
+                c_real = label_space.generator_input(real_idx, device=device)
+                c_target = label_space.generator_input(orig_idx, device=device)
+                with autocast:
+                    x_fake = generator(x_real, c_target).float()
+                    x_rec = generator(x_fake, c_real).float()
+                    _, cls_real = discriminator(x_real)
+                    _, cls_fake = discriminator(x_fake)
+                logits_real.append(cls_real.float().cpu())
+                logits_fake.append(cls_fake.float().cpu())
+                labels_real.append(real_idx.cpu())
+                labels_orig.append(orig_idx.cpu())
+                l1_sum += float((x_rec - x_real).abs().sum())
+                l1_count += x_real.numel()
+                if first_converted is None:
+                    first_converted = x_fake[0, 0].float()
     finally:
-        generator.train(was_training[0])
-        discriminator.train(was_training[1])
+        discriminator.train(was_training)
     _, convergence = spectrogram_to_wave(
         first_converted,
         n_iter=griffin_lim_iterations,

@@ -34,6 +34,7 @@ import torch.nn.functional as F
 
 from vcfast.data import Corpus, StarGANPairDataset, make_loader, save_audio
 from vcfast.labels import LabelSpace
+from vcfast.models.generator import inference_mode
 from vcfast.ops.classification import masked_multigroup_bce
 from vcfast.ops.gradient_penalty import gradient_penalty
 from vcfast.ops.inverse import spectrogram_to_wave
@@ -350,17 +351,13 @@ class _Sampler:
         """Write samples/step_XXXXXXXX.{png,wav}; return their paths (PNG: None without
         matplotlib)."""
         self.out_dir.mkdir(parents=True, exist_ok=True)
-        was_training = generator.training
-        generator.eval()
-        try:
+        with inference_mode(generator):  # instance statistics, as vcfast convert uses
             x = model_spectrogram(self.wave.to(self.device)[None], self.image_size)
             c_real = self.label_space.generator_input(self.labels_real, device=self.device)
             c_target = self.label_space.generator_input(self.labels_orig, device=self.device)
             with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=bf16):
                 fake = generator(x, c_target).float()
                 rec = generator(fake, c_real).float()
-        finally:
-            generator.train(was_training)
         stem = self.out_dir / checkpoint_name(step)
         png = stem.with_suffix(".png")
         wrote_png = save_spectrogram_png(
