@@ -23,12 +23,9 @@ does not have) are printed as ``vcfast <command>: error: ...`` with exit status 
 from __future__ import annotations
 
 import argparse
-import io
 import json
-import os
 import shutil
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -44,43 +41,6 @@ def _timed(fn, repeats: int = 3) -> tuple[object, float]:
         result = fn()
         best = min(best, time.perf_counter() - start)
     return result, best
-
-
-def _write_atomically(path: Path, data: bytes) -> None:
-    """Write ``data`` to a temp file next to ``path``, fsync it, then rename it over ``path``."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def _save_png(path: Path, panels: list[tuple[str, torch.Tensor]]) -> bool:
-    """Side-by-side spectrogram panels as a PNG, written atomically; False without matplotlib."""
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        return False
-    fig, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 4), squeeze=False)
-    for ax, (title, spec) in zip(axes[0], panels):
-        ax.imshow(spec.cpu().numpy(), origin="lower", aspect="auto", vmin=0, vmax=1, cmap="magma")
-        ax.set_title(title)
-        ax.set_xlabel("frame (16 ms hop)")
-        ax.set_ylabel("bin (15.6 Hz .. 4 kHz)")
-    fig.tight_layout()
-    buffer = io.BytesIO()
-    fig.savefig(buffer, format="png", dpi=90)
-    plt.close(fig)
-    _write_atomically(path, buffer.getvalue())
-    return True
 
 
 def cmd_info(_args: argparse.Namespace) -> int:
@@ -324,6 +284,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
     from vcfast.data import load_audio, peak_normalize, save_audio
     from vcfast.data.corpus import demo_corpus_dir, load_corpus
     from vcfast.train import TrainConfig, build_models, load_generator, train
+    from vcfast.train.checkpoint import write_atomically
+    from vcfast.train.logs import save_spectrogram_png
     from vcfast.voice import convert_wave
 
     demo_start = time.perf_counter()
@@ -372,9 +334,10 @@ def cmd_demo(args: argparse.Namespace) -> int:
         return vcfast.log_spectrogram(torch.nn.functional.pad(peak_normalize(w), (0, pad)))
 
     source_spec = spectrogram_of(wave)
-    has_png = _save_png(png, [(f"source: {_describe_labels(source.labels)}", source_spec),
-                              (f"converted to {_describe_labels(target)}",
-                               spectrogram_of(converted))])
+    has_png = save_spectrogram_png(png, [
+        (f"source: {_describe_labels(source.labels)}", source_spec),
+        (f"converted to {_describe_labels(target)}", spectrogram_of(converted)),
+    ])
     # The same Griffin-Lim on the unconverted source: how much of the conversion's spectral
     # convergence is the phase retrieval's own error.
     _, roundtrip_convergence = phases.run("round trip", lambda: vcfast.spectrogram_to_wave(
@@ -414,8 +377,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
                   "report_md": str(out / "report.md"), "report_json": str(out / "report.json")},
     }
     report["total_seconds"] = round(time.perf_counter() - demo_start, 1)
-    _write_atomically(out / "report.json", json.dumps(report, indent=2, default=str).encode())
-    _write_atomically(out / "report.md", _format_report_md(report).encode())
+    write_atomically(out / "report.json", json.dumps(report, indent=2, default=str).encode())
+    write_atomically(out / "report.md", _format_report_md(report).encode())
     print(f"converted {source.path.name} ({source.labels['speaker']}) to {target['speaker']}: "
           f"spectral convergence {info['spectral_convergence']:.3f}")
     png_text = png if has_png else "(no PNG: matplotlib missing)"
