@@ -394,9 +394,16 @@ def test_cmd_train_runs_one_step(tmp_path, capsys):
             "0",
         ]
     )
-    assert cmd_train(args) == 0
+    # A corrupt file and one shorter than a crop: skipped with a warning, counted in the report.
+    (corpus_dir / "alice" / "corrupt.wav").write_bytes(b"RIFF\x00\x01 not audio at all")
+    sf.write(corpus_dir / "bob" / "short.wav", synthetic_speech(16000).numpy() * 0.5, 16000)
+    with pytest.warns(UserWarning):
+        assert cmd_train(args) == 0
     out = capsys.readouterr().out
     assert "2 speakers" in out and '"steps": 1' in out
+    assert "Skipped 2 file(s)" in out and '"skipped_files": 2' in out
+    recorded = json.loads((tmp_path / "run" / "corpus.json").read_text())
+    assert sorted(Path(p).name for p, _ in recorded["skipped"]) == ["corrupt.wav", "short.wav"]
     assert (tmp_path / "run" / "checkpoints" / "step_00000001" / "generator.safetensors").is_file()
 
 

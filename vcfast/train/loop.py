@@ -516,6 +516,9 @@ def train(
                 "root": str(Path(corpus.root).resolve()),
                 "layout": corpus.layout,
                 "utterances": len(corpus.utterances),
+                # What the corpus loader left out (unreadable, corrupt, shorter than a crop).
+                "skipped": [[str(path), reason] for path, reason in corpus.skipped],
+                "warnings": list(corpus.warnings),
             },
             indent=2,
         )
@@ -760,6 +763,7 @@ def train(
         "eval": last_eval,
         "stopped": stopped,
         "train_utterances": len(train_corpus.utterances),
+        "skipped_files": len(corpus.skipped),
         "held_out_utterances": len(held_out.utterances) if held_out is not None else 0,
         "config": config.to_dict(),
         **paths,
