@@ -22,6 +22,7 @@ import pytest  # noqa: E402
 import torch  # noqa: E402
 from torch import nn  # noqa: E402
 
+from vcfast.models.official import OfficialResidualBlock  # noqa: E402
 from vcfast.nn.norm_act import (  # noqa: E402
     InstanceNormReLUConv2d,
     LeanResidualBlock,
@@ -168,22 +169,6 @@ def test_gradcheck(train):
     params = tuple(p.detach().clone().requires_grad_(True)
                    for p in (norm.weight, norm.bias, conv.weight, conv.bias))
     assert torch.autograd.gradcheck(f, (z, *params), eps=1e-6, atol=1e-7)
-
-
-class OfficialResidualBlock(nn.Module):
-    """Residual block as written in the official StarGAN code."""
-
-    def __init__(self, dim_in, dim_out):
-        super().__init__()
-        self.main = nn.Sequential(
-            nn.Conv2d(dim_in, dim_out, kernel_size=3, stride=1, padding=1, bias=False),
-            nn.InstanceNorm2d(dim_out, affine=True, track_running_stats=True),
-            nn.ReLU(inplace=True),
-            nn.Conv2d(dim_out, dim_out, kernel_size=3, stride=1, padding=1, bias=False),
-            nn.InstanceNorm2d(dim_out, affine=True, track_running_stats=True))
-
-    def forward(self, x):
-        return x + self.main(x)
 
 
 def _block_step(block, x, seed):

@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from vcfast.models.discriminator import StarGANDiscriminator
+from vcfast.nn.norm_act import residual_block_main
 
 __all__ = ["OfficialDiscriminator", "OfficialGenerator", "OfficialResidualBlock"]
 
@@ -28,12 +29,7 @@ class OfficialResidualBlock(nn.Module):
 
     def __init__(self, dim_in: int, dim_out: int):
         super().__init__()
-        self.main = nn.Sequential(
-            nn.Conv2d(dim_in, dim_out, kernel_size=3, stride=1, padding=1, bias=False),
-            nn.InstanceNorm2d(dim_out, affine=True, track_running_stats=True),
-            nn.ReLU(inplace=True),
-            nn.Conv2d(dim_out, dim_out, kernel_size=3, stride=1, padding=1, bias=False),
-            nn.InstanceNorm2d(dim_out, affine=True, track_running_stats=True))
+        self.main = residual_block_main(dim_in, dim_out)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return x + self.main(x)

@@ -40,7 +40,8 @@ from vcfast.ops.norm_act import (
     norm_relu_forward,
 )
 
-__all__ = ["InstanceNormReLUConv2d", "LeanResidualBlock", "instance_norm_relu_conv"]
+__all__ = ["InstanceNormReLUConv2d", "LeanResidualBlock", "instance_norm_relu_conv",
+           "residual_block_main"]
 
 
 def _conv_config(conv: nn.Module):
@@ -201,6 +202,18 @@ class InstanceNormReLUConv2d(nn.Module):
         return instance_norm_relu_conv(z, self.norm, self.conv)
 
 
+def residual_block_main(dim_in: int, dim_out: int) -> nn.Sequential:
+    """The ``main`` branch of the official StarGAN ``ResidualBlock``, module for module (the
+    lean and the official block both hold exactly this, so their state dicts match)."""
+    return nn.Sequential(
+        nn.Conv2d(dim_in, dim_out, kernel_size=3, stride=1, padding=1, bias=False),
+        nn.InstanceNorm2d(dim_out, affine=True, track_running_stats=True),
+        nn.ReLU(inplace=True),
+        nn.Conv2d(dim_out, dim_out, kernel_size=3, stride=1, padding=1, bias=False),
+        nn.InstanceNorm2d(dim_out, affine=True, track_running_stats=True),
+    )
+
+
 class LeanResidualBlock(nn.Module):
     """StarGAN's residual block, ``x + main(x)``, with the IN -> ReLU -> conv middle lean.
 
@@ -212,13 +225,7 @@ class LeanResidualBlock(nn.Module):
 
     def __init__(self, dim_in: int, dim_out: int):
         super().__init__()
-        self.main = nn.Sequential(
-            nn.Conv2d(dim_in, dim_out, kernel_size=3, stride=1, padding=1, bias=False),
-            nn.InstanceNorm2d(dim_out, affine=True, track_running_stats=True),
-            nn.ReLU(inplace=True),
-            nn.Conv2d(dim_out, dim_out, kernel_size=3, stride=1, padding=1, bias=False),
-            nn.InstanceNorm2d(dim_out, affine=True, track_running_stats=True),
-        )
+        self.main = residual_block_main(dim_in, dim_out)
 
     @classmethod
     def from_official(cls, block: nn.Module) -> "LeanResidualBlock":
