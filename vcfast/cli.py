@@ -68,17 +68,6 @@ def _round_trip(wave: torch.Tensor, n_iter: int):
     )
 
 
-def _auto_device(name: str | None) -> torch.device:
-    """``"auto"``/None -> CUDA when available, else CPU; anything else as given."""
-    if name in (None, "auto"):
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(name)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"--device {name}: CUDA is not available on this machine "
-                         "(use cpu or auto)")
-    return device
-
-
 def _parse_targets(args: argparse.Namespace, label_space) -> dict[str, str | None]:
     """``--speaker/--birthplace/--sex/--label g=v`` -> ``{group: class name or None}``.
 
@@ -114,9 +103,10 @@ def cmd_convert(args: argparse.Namespace) -> int:
     """``vcfast convert``: one recording to the target labels with a trained checkpoint."""
     from vcfast.data import load_audio, save_audio
     from vcfast.train import load_generator
+    from vcfast.train.loop import resolve_device
     from vcfast.voice import convert_wave
 
-    device = _auto_device(args.device)
+    device = resolve_device(args.device)
     ckpt = Path(args.ckpt)
     if not ckpt.exists():
         raise FileNotFoundError(f"--ckpt {str(ckpt)!r} does not exist (give a run directory "
@@ -284,12 +274,13 @@ def cmd_demo(args: argparse.Namespace) -> int:
     from vcfast.data import load_audio, peak_normalize, save_audio
     from vcfast.data.corpus import demo_corpus_dir, load_corpus
     from vcfast.train import TrainConfig, build_models, load_generator, train
+    from vcfast.train.loop import resolve_device
     from vcfast.train.checkpoint import write_atomically
     from vcfast.train.logs import save_spectrogram_png
-    from vcfast.voice import convert_wave
+    from vcfast.voice import convert_wave, utterance_spectrogram
 
     demo_start = time.perf_counter()
-    device = _auto_device(args.device)
+    device = resolve_device(args.device)
     size = args.size or ("paper" if device.type == "cuda" else "small")
     minutes = args.minutes if args.minutes is not None else (None if args.steps else DEMO_MINUTES)
     out = Path(args.out).resolve()  # the report lists absolute paths
@@ -329,14 +320,10 @@ def cmd_demo(args: argparse.Namespace) -> int:
     save_audio(source_wav, peak_normalize(wave) * 0.95)
     save_audio(converted_wav, converted)
 
-    def spectrogram_of(w):
-        pad = (-(w.numel() - 1024)) % 256  # cover the tail, as convert_wave does
-        return vcfast.log_spectrogram(torch.nn.functional.pad(peak_normalize(w), (0, pad)))
-
-    source_spec = spectrogram_of(wave)
+    source_spec = utterance_spectrogram(wave)
     has_png = save_spectrogram_png(png, [
         (f"source: {_describe_labels(source.labels)}", source_spec),
-        (f"converted to {_describe_labels(target)}", spectrogram_of(converted)),
+        (f"converted to {_describe_labels(target)}", utterance_spectrogram(converted)),
     ])
     # The same Griffin-Lim on the unconverted source: how much of the conversion's spectral
     # convergence is the phase retrieval's own error.

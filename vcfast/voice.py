@@ -32,11 +32,12 @@ from torch import nn
 
 from vcfast.data.audio import SAMPLE_RATE, peak_normalize
 from vcfast.labels import LabelSpace
-from vcfast.models.generator import inference_mode
+from vcfast.models.generator import inference_mode, module_device
 from vcfast.ops.inverse import spectrogram_to_wave
 from vcfast.ops.spectrogram import PRESETS, log_spectrogram
 
-__all__ = ["convert_wave", "convert_spectrogram", "target_indices", "SILENCE_VALUE"]
+__all__ = ["convert_wave", "convert_spectrogram", "target_indices", "utterance_spectrogram",
+           "SILENCE_VALUE"]
 
 _CONFIG = PRESETS["stargan_vc"]
 #: Value of the stargan_vc spectrogram for silence (magnitudes at or below the log floor).
@@ -62,12 +63,6 @@ def target_indices(label_space: LabelSpace, target: Mapping[str, str | int | Non
         k = label_space.group_index(group)
         indices[k] = -1 if name is None else label_space.index_of(k, name)
     return indices
-
-
-def _generator_device(generator: nn.Module) -> torch.device:
-    for tensor in list(generator.parameters()) + list(generator.buffers()):
-        return tensor.device
-    return torch.device("cpu")
 
 
 def _window_starts(n_frames: int, window_frames: int, overlap_frames: int) -> list[int]:
@@ -96,6 +91,16 @@ def _crossfade_weights(window_frames: int, overlap_frames: int, first: bool, las
         if not last:
             weights[window_frames - overlap_frames:] = ramp.flip(0)
     return weights
+
+
+def utterance_spectrogram(wave: torch.Tensor, silence: int = 0) -> torch.Tensor:
+    """stargan_vc log-spectrogram ``[256, frames]`` of a whole 1-D utterance (``>= 1024``
+    samples), peak-normalised, with ``silence`` zero samples before it and at least as many
+    after it, the end padded up to a whole frame so that every sample is covered."""
+    samples = wave.shape[-1]
+    n_frames = math.ceil((samples + 2 * silence - _CONFIG.n_fft) / _CONFIG.hop) + 1
+    tail = _CONFIG.samples_for_frames(n_frames) - samples - silence
+    return log_spectrogram(torch.nn.functional.pad(peak_normalize(wave), (silence, tail)))
 
 
 def _check_window_args(window_frames, overlap_frames, batch_size) -> None:
@@ -140,7 +145,7 @@ def convert_spectrogram(generator: nn.Module, label_space: LabelSpace, spec: tor
         shape = tuple(spec.shape) if isinstance(spec, torch.Tensor) else type(spec).__name__
         raise ValueError(f"`spec` must be a [bins, frames] tensor with >= 1 frame, got {shape}")
     indices = target_indices(label_space, target)
-    run_device = torch.device(device) if device is not None else _generator_device(generator)
+    run_device = torch.device(device) if device is not None else module_device(generator)
     bins, n_frames = spec.shape
     starts = _window_starts(n_frames, window_frames, overlap_frames)
     padded_frames = starts[-1] + window_frames
@@ -222,19 +227,16 @@ def convert_wave(generator: nn.Module, label_space: LabelSpace, wave: torch.Tens
     if not bool((wave != 0).any()):
         raise ValueError("`wave` is all zeros (silence): there is no voice to convert")
     target_indices(label_space, target)  # fail on bad labels before any expensive work
-    run_device = torch.device(device) if device is not None else _generator_device(generator)
+    run_device = torch.device(device) if device is not None else module_device(generator)
 
-    x = peak_normalize(wave.detach().to(run_device, torch.float32))
     # Silence on both sides, so that every real sample lies under a full set of overlapping
     # frames: Griffin-Lim divides by the overlap-added squared window, which is tiny near the
     # ends of the signal (Hamming edge 0.08: a 1/0.08**2 = 156x gain on the first samples),
     # and a generated spectrogram is never exactly consistent, so the ends would otherwise
     # come back as loud clicks. The lead-in is dropped again after Griffin-Lim.
     margin = n_fft - hop
-    n_frames = math.ceil((samples + 2 * margin - n_fft) / hop) + 1
-    tail = _CONFIG.samples_for_frames(n_frames) - samples - margin
-    x = torch.nn.functional.pad(x, (margin, tail))
-    spec = log_spectrogram(x)  # [256, n_frames]
+    spec = utterance_spectrogram(wave.detach().to(run_device, torch.float32), silence=margin)
+    n_frames = spec.shape[1]
 
     gen_start = time.perf_counter()
     converted, n_windows = convert_spectrogram(

@@ -41,7 +41,7 @@ from torch.utils.checkpoint import checkpoint
 from vcfast.nn.label_conv import LabelConcatConv2d
 from vcfast.nn.norm_act import InstanceNormReLUConv2d, LeanResidualBlock
 
-__all__ = ["NORM_STATISTICS", "StarGANGenerator", "inference_mode"]
+__all__ = ["NORM_STATISTICS", "StarGANGenerator", "inference_mode", "module_device"]
 
 _ACTIVATIONS = {"sigmoid": torch.sigmoid, "tanh": torch.tanh, "none": None}
 _AUTOCAST_DEVICES = ("cpu", "cuda")
@@ -73,6 +73,13 @@ def _frozen_running_stats(module: nn.Module):
     finally:
         for m, mom in zip(norms, saved):
             m.momentum = mom
+
+
+def module_device(module: nn.Module) -> torch.device:
+    """The device of ``module``'s first parameter (or buffer); CPU for a module with neither."""
+    for tensor in list(module.parameters()) + list(module.buffers()):
+        return tensor.device
+    return torch.device("cpu")
 
 
 #: How a generator's InstanceNorms normalise at inference (see :func:`inference_mode`).

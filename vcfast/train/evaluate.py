@@ -9,16 +9,11 @@ import torch
 from vcfast.data import Corpus, StarGANPairDataset
 from vcfast.labels import LabelSpace
 from vcfast.metrics import multigroup_accuracy
-from vcfast.models.generator import inference_mode
+from vcfast.models.generator import inference_mode, module_device
 from vcfast.ops.inverse import spectrogram_to_wave
 from vcfast.train.models import FULL_IMAGE_SIZE, model_spectrogram, spectrogram_overrides
 
 __all__ = ["evaluate", "flatten_metrics"]
-
-
-def _model_device(module: torch.nn.Module) -> torch.device:
-    parameter = next(module.parameters(), None)
-    return parameter.device if parameter is not None else torch.device("cpu")
 
 
 @torch.no_grad()
@@ -67,7 +62,7 @@ def evaluate(
         raise ValueError("evaluate: the held-out corpus has no utterances")
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
         raise ValueError(f"evaluate: batch_size must be an int >= 1, got {batch_size!r}")
-    device = torch.device(device) if device is not None else _model_device(generator)
+    device = torch.device(device) if device is not None else module_device(generator)
     image_size = int(getattr(discriminator, "image_size", FULL_IMAGE_SIZE))
     n_items = len(held_out.utterances)
     if max_utterances is not None:
