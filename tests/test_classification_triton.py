@@ -17,17 +17,13 @@ import os
 os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import pytest  # noqa: E402
+from _triton_testing import interpreter_marker  # noqa: E402
 import torch  # noqa: E402
 
 triton = pytest.importorskip("triton")
 ct = pytest.importorskip("vcfast.ops.classification_triton")
 
-INTERPRETED = ct._kernels_interpreted()
-needs_interpreter = pytest.mark.skipif(
-    not INTERPRETED,
-    reason="Triton kernels were not built for the interpreter: TRITON_INTERPRET=1 must be set "
-           "before vcfast.kernels.classification is first imported, or it was set to 0",
-)
+INTERPRETED, needs_interpreter = interpreter_marker(ct, "classification")
 
 # exp(-|x|) underflows for the extreme logits; numpy warns about it in the interpreter.
 pytestmark = pytest.mark.filterwarnings("ignore::RuntimeWarning:triton.runtime.interpreter")

@@ -19,6 +19,7 @@ import os
 os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import pytest  # noqa: E402
+from _triton_testing import interpreter_marker  # noqa: E402
 import torch  # noqa: E402
 from torch import nn  # noqa: E402
 
@@ -275,11 +276,7 @@ def test_lean_residual_block_saves_one_activation_less():
 
 triton = pytest.importorskip("triton")
 nat = pytest.importorskip("vcfast.ops.norm_act_triton")
-needs_interpreter = pytest.mark.skipif(
-    not nat._kernels_interpreted(),
-    reason="Triton kernels not built for the interpreter (TRITON_INTERPRET=1 must be set before "
-           "vcfast.kernels.norm_act is first imported)",
-)
+_, needs_interpreter = interpreter_marker(nat, "norm_act")
 
 DTYPES = [torch.float32, torch.float64, torch.float16, torch.bfloat16]
 dtype_ids = [str(d).removeprefix("torch.") for d in DTYPES]

@@ -21,6 +21,7 @@ import os
 os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import pytest  # noqa: E402
+from _triton_testing import interpreter_marker  # noqa: E402
 import torch  # noqa: E402
 
 from vcfast import _extension  # noqa: E402
@@ -34,13 +35,7 @@ from vcfast.ops.slope_bits import (  # noqa: E402
 triton = pytest.importorskip("triton")
 sbt = pytest.importorskip("vcfast.ops.slope_bits_triton")
 
-INTERPRETED = sbt._kernels_interpreted()
-needs_interpreter = pytest.mark.skipif(
-    not INTERPRETED,
-    reason="Triton kernels were not built for the interpreter: TRITON_INTERPRET=1 must be set "
-           "before vcfast.kernels.slope_bits is first imported (set it in conftest.py or the "
-           "environment), or it was set to 0 explicitly",
-)
+INTERPRETED, needs_interpreter = interpreter_marker(sbt, "slope_bits")
 
 SHAPES = [(1,), (7,), (8,), (9,), (3, 5, 7), (2, 16, 9, 9)]
 DTYPES = [torch.float32, torch.float64, torch.bfloat16, torch.float16]

@@ -15,6 +15,7 @@ import os
 os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import pytest  # noqa: E402
+from _triton_testing import interpreter_marker  # noqa: E402
 import torch  # noqa: E402
 
 import vcfast  # noqa: E402
@@ -23,13 +24,7 @@ from vcfast.ops.spectrogram import log_spectrogram_reference  # noqa: E402
 triton = pytest.importorskip("triton")
 st = pytest.importorskip("vcfast.ops.spectrogram_triton")
 
-INTERPRETED = st._kernels_interpreted()
-needs_interpreter = pytest.mark.skipif(
-    not INTERPRETED,
-    reason="Triton kernels were not built for the interpreter: TRITON_INTERPRET=1 must be set "
-           "before vcfast.kernels.spectrogram is first imported (set it in conftest.py or the "
-           "environment), or it was set to 0 explicitly",
-)
+INTERPRETED, needs_interpreter = interpreter_marker(st, "spectrogram")
 
 # ln(0) at silent bins (general power) is expected and masked; numpy warns in the interpreter.
 pytestmark = pytest.mark.filterwarnings("ignore::RuntimeWarning:triton.runtime.interpreter")
