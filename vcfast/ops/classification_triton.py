@@ -59,8 +59,8 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
-
 from vcfast.ops._triton import define_op, is_interpreted, load_kernels, triton
+
 __all__ = [
     "masked_multigroup_bce_triton",
     "masked_multigroup_softmax_ce_triton",
