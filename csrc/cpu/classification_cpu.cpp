@@ -358,6 +358,32 @@ std::tuple<at::Tensor, at::Tensor> finish_forward(const T* s, const int32_t* k, 
   return {loss, group_counts};
 }
 
+// The per-(row, group) partial sums s and valid counts k that both forwards fill in parallel.
+// For reduction "none" the sums are written straight into the [N, G] loss tensor.
+template <typename T>
+struct ForwardPartials {
+  at::Tensor loss_none;      // the output for reduction "none", else undefined
+  std::vector<T> sums_scratch;
+  std::vector<int32_t> k;
+  T* s;
+
+  ForwardPartials(int64_t n_rows, int64_t n_groups, int64_t reduction, const at::TensorOptions& options)
+      : k(n_rows * n_groups) {
+    if (reduction == kReduceNone) {
+      loss_none = at::empty({n_rows, n_groups}, options);
+      s = loss_none.data_ptr<T>();
+    } else {
+      sums_scratch.resize(n_rows * n_groups);
+      s = sums_scratch.data();
+    }
+  }
+
+  std::tuple<at::Tensor, at::Tensor> finish(int64_t n_rows, int64_t n_groups, int64_t reduction,
+                                            const at::TensorOptions& options) const {
+    return finish_forward<T>(s, k.data(), n_rows, n_groups, reduction, loss_none, options);
+  }
+};
+
 // Weights w[g] = dL/dS[row, g] of the backward: the row of grad for "none", else one value
 // per group (reduction_weight in classification_math.h times the scalar grad).
 template <typename T>
@@ -512,18 +538,9 @@ std::tuple<at::Tensor, at::Tensor> masked_multigroup_bce_cpu(
   dispatch_logits(logits.scalar_type(), [&](auto* lt_tag) {
     using LT = std::remove_pointer_t<decltype(lt_tag)>;
     using T = compute_t<LT>;
-    // The [N, G] partials: the output itself for reduction "none".
-    at::Tensor loss_none;
-    std::vector<T> s_vec;
-    T* s;
-    if (reduction == kReduceNone) {
-      loss_none = at::empty({n_rows, n_groups}, options);
-      s = loss_none.data_ptr<T>();
-    } else {
-      s_vec.resize(n_rows * n_groups);
-      s = s_vec.data();
-    }
-    std::vector<int32_t> k(n_rows * n_groups);
+    ForwardPartials<T> partials(n_rows, n_groups, reduction, options);
+    T* s = partials.s;
+    int32_t* k = partials.k.data();
     const LT* x_ptr = logits.data_ptr<LT>();
     const T* pw_ptr = has_pw ? pos_weight.data_ptr<T>() : nullptr;
     dispatch_targets(targets.scalar_type(), [&](auto* tt_tag) {
@@ -538,7 +555,7 @@ std::tuple<at::Tensor, at::Tensor> masked_multigroup_bce_cpu(
             const T* xr = row_in_compute_type<LT, T>(x_ptr + r * n_cols, n_cols, buf);
             const int32_t bad = bce_fwd_row<T, TT, kPw>(xr, t_ptr + r * n_cols, pw_ptr,
                                                         offsets.data(), n_groups,
-                                                        s + r * n_groups, k.data() + r * n_groups);
+                                                        s + r * n_groups, k + r * n_groups);
             if (bad && r < local_bad) local_bad = r;
           }
           atomic_min(first_bad_row, local_bad);
@@ -561,7 +578,7 @@ std::tuple<at::Tensor, at::Tensor> masked_multigroup_bce_cpu(
                           ", column ", j);
       }
     });
-    result = finish_forward<T>(s, k.data(), n_rows, n_groups, reduction, loss_none, options);
+    result = partials.finish(n_rows, n_groups, reduction, options);
   });
   return result;
 }
@@ -652,17 +669,9 @@ std::tuple<at::Tensor, at::Tensor> masked_multigroup_softmax_ce_cpu(const at::Te
   dispatch_logits(logits.scalar_type(), [&](auto* lt_tag) {
     using LT = std::remove_pointer_t<decltype(lt_tag)>;
     using T = compute_t<LT>;
-    at::Tensor loss_none;
-    std::vector<T> s_vec;
-    T* s;
-    if (reduction == kReduceNone) {
-      loss_none = at::empty({n_rows, n_groups}, options);
-      s = loss_none.data_ptr<T>();
-    } else {
-      s_vec.resize(n_rows * n_groups);
-      s = s_vec.data();
-    }
-    std::vector<int32_t> k(n_rows * n_groups);
+    ForwardPartials<T> partials(n_rows, n_groups, reduction, options);
+    T* s = partials.s;
+    int32_t* k = partials.k.data();
     const LT* x_ptr = logits.data_ptr<LT>();
     dispatch_targets(targets.scalar_type(), [&](auto* tt_tag) {
       using TT = std::remove_pointer_t<decltype(tt_tag)>;
@@ -674,7 +683,7 @@ std::tuple<at::Tensor, at::Tensor> masked_multigroup_softmax_ce_cpu(const at::Te
         for (int64_t r = begin; r < end; ++r) {
           const T* xr = row_in_compute_type<LT, T>(x_ptr + r * n_cols, n_cols, buf);
           softmax_fwd_row<T, TT>(xr, t_ptr + r * n_cols, offsets.data(), n_groups,
-                                 s + r * n_groups, k.data() + r * n_groups, status.data());
+                                 s + r * n_groups, k + r * n_groups, status.data());
           for (int64_t g = 0; g < n_groups && local_bad == std::numeric_limits<int64_t>::max();
                ++g) {
             if (softmax_status_is_error(status[g])) local_bad = r * n_groups + g;
@@ -703,7 +712,7 @@ std::tuple<at::Tensor, at::Tensor> masked_multigroup_softmax_ce_cpu(const at::Te
                           bad_value);
       }
     });
-    result = finish_forward<T>(s, k.data(), n_rows, n_groups, reduction, loss_none, options);
+    result = partials.finish(n_rows, n_groups, reduction, options);
   });
   return result;
 }
