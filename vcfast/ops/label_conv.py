@@ -48,13 +48,21 @@ def tap_patterns(in_size: int, kernel_size: int, stride: int, padding: int,
     if out_size is None:
         out_size = (in_size + 2 * padding - kernel_size) // stride + 1
     out_size = max(int(out_size), 0)
-    pos = (torch.arange(out_size, dtype=torch.int64)[:, None] * stride - padding
-           + torch.arange(kernel_size, dtype=torch.int64)[None, :])
-    valid = (pos >= 0) & (pos < in_size)
-    if out_size == 0:
-        return torch.zeros(0, dtype=torch.int64), torch.zeros(0, kernel_size, dtype=torch.bool)
-    patterns, ids = torch.unique(valid.to(torch.int64), dim=0, return_inverse=True)
-    return ids.to(torch.int64).contiguous(), patterns.to(torch.bool)
+    # Plain Python on the sizes, no tensor ops: under torch.compile the pattern count is then a
+    # constant (torch.unique's output size is data-dependent, which Inductor cannot compile).
+    # The taps of output i that read inside the input are the range [lo, hi).
+    ranges = []
+    for i in range(out_size):
+        start = i * stride - padding
+        lo, hi = max(0, -start), min(kernel_size, in_size - start)
+        ranges.append((lo, hi) if lo < hi else (0, 0))
+    rows = {r: tuple(r[0] <= k < r[1] for k in range(kernel_size)) for r in ranges}
+    order = sorted(rows, key=rows.__getitem__)  # the rows sorted, as torch.unique sorts them
+    number = {r: j for j, r in enumerate(order)}
+    ids = torch.tensor([number[r] for r in ranges], dtype=torch.int64)
+    indicator = torch.tensor([rows[r] for r in order], dtype=torch.bool).reshape(len(order),
+                                                                                kernel_size)
+    return ids, indicator
 
 
 # ---------------------------------------------------------------------------------------------
