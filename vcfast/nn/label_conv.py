@@ -138,9 +138,12 @@ class LabelConcatConv2d(nn.Module):
         key = (axis, in_size, out_size, str(device), dtype)
         hit = self._pattern_cache.get(key)
         if hit is None:
-            ids, indicator = tap_patterns(in_size, self.kernel_size[axis], self.stride[axis],
-                                          self.padding[axis], out_size)
-            hit = (ids.to(device), indicator.to(device=device, dtype=dtype))
+            # Cached tensors made under torch.inference_mode would be inference tensors, which
+            # autograd refuses to save: a later training call would fail. Make normal ones.
+            with torch.inference_mode(False):
+                ids, indicator = tap_patterns(in_size, self.kernel_size[axis], self.stride[axis],
+                                              self.padding[axis], out_size)
+                hit = (ids.to(device), indicator.to(device=device, dtype=dtype))
             self._pattern_cache[key] = hit
         return hit
 
