@@ -209,6 +209,11 @@ class StarGANGenerator(nn.Module):
 
     def _run_block(self, block: nn.Module, h: Tensor) -> Tensor:
         if self.checkpoint_residual_blocks and torch.is_grad_enabled():
+            if torch.compiler.is_compiling():
+                # Dynamo cannot trace a checkpoint context_fn. It does not need one: compiled,
+                # the backward recomputes from the traced graph's pure ops, so the running
+                # statistics are updated once, by the forward, without freezing them.
+                return checkpoint(block, h, use_reentrant=False)
             return checkpoint(block, h, use_reentrant=False,
                               context_fn=lambda: (contextlib.nullcontext(), _frozen_running_stats(block)))
         return block(h)
