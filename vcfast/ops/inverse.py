@@ -181,7 +181,14 @@ def _check_args(spec, config, preset, overrides, n_iter, momentum, length,
             _fail_value(f"`length` must be >= 1, got {length}")
     if init not in _INITS:
         _fail_value(f"`init` must be one of {_INITS}, got {init!r}")
-    if not torch.isfinite(spec).all():
+    if torch.compiler.is_compiling():
+        # A data-dependent `if` would break the graph. On the CPU the check becomes an
+        # assertion inside the graph (RuntimeError); on a GPU it would be a device-side
+        # assert, which leaves the CUDA context unusable, so there NaN/Inf reach the output.
+        if spec.device.type == "cpu":
+            torch._assert_async(torch.isfinite(spec).all(),
+                                "spectrogram_to_wave: `spec` contains NaN or Inf")
+    elif not torch.isfinite(spec).all():
         _fail_value("`spec` contains NaN or Inf")
     return n_iter, momentum
 
@@ -237,7 +244,9 @@ def spectrogram_to_wave(
             the wrong type; unknown override.
         ValueError: row count != the configuration's n_bins, NaN/Inf in ``spec``, ``n_iter`` <
             1, ``momentum`` outside [0, 1), bad ``init``/``length``, ``mean``/``std`` missing
-            or wrongly shaped (raised by ``SpectrogramConfig.make_affine``).
+            or wrongly shaped (raised by ``SpectrogramConfig.make_affine``). Under
+            ``torch.compile`` NaN/Inf in a CPU ``spec`` raise RuntimeError instead (an
+            assertion in the graph); in a GPU ``spec`` they propagate to the output.
     """
     config = resolve_config(preset, **overrides)
     n_iter, momentum = _check_args(spec, config, preset, overrides, n_iter, momentum, length, init)
