@@ -60,19 +60,29 @@ def to_float32_if_half(t: Tensor) -> Tensor:
     return t.float() if t.dtype in (torch.bfloat16, torch.float16) else t
 
 
-@contextlib.contextmanager
-def _frozen_running_stats(module: nn.Module):
+class _FrozenRunningStats:
     """During a checkpoint recompute: run the norms with momentum 0 so the running statistics,
-    already updated by the original forward, are left as they are (r * 1 + s * 0 == r)."""
-    norms = [m for m in module.modules() if isinstance(m, nn.modules.instancenorm._InstanceNorm)]
-    saved = [m.momentum for m in norms]
-    try:
-        for m in norms:
+    already updated by the original forward, are left as they are (r * 1 + s * 0 == r).
+
+    A class rather than a generator context manager: checkpoint enters the same recompute
+    context once per recompute, and a graph kept with ``retain_graph=True`` is recomputed
+    on every backward through it.
+    """
+
+    def __init__(self, module: nn.Module):
+        self.norms = [m for m in module.modules()
+                      if isinstance(m, nn.modules.instancenorm._InstanceNorm)]
+        self.saved: list = []
+
+    def __enter__(self):
+        self.saved = [m.momentum for m in self.norms]
+        for m in self.norms:
             m.momentum = 0.0
-        yield
-    finally:
-        for m, mom in zip(norms, saved):
-            m.momentum = mom
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        for m, momentum in zip(self.norms, self.saved):
+            m.momentum = momentum
 
 
 def module_device(module: nn.Module) -> torch.device:
@@ -107,7 +117,7 @@ def inference_mode(generator: nn.Module, norm_statistics: str = "instance"):
             norms = [m for m in generator.modules() if isinstance(m, nn.modules.instancenorm._InstanceNorm)]
             for m in norms:
                 m.train()
-            with _frozen_running_stats(generator):
+            with _FrozenRunningStats(generator):
                 yield generator
         else:
             yield generator
@@ -215,7 +225,7 @@ class StarGANGenerator(nn.Module):
                 # statistics are updated once, by the forward, without freezing them.
                 return checkpoint(block, h, use_reentrant=False)
             return checkpoint(block, h, use_reentrant=False,
-                              context_fn=lambda: (contextlib.nullcontext(), _frozen_running_stats(block)))
+                              context_fn=lambda: (contextlib.nullcontext(), _FrozenRunningStats(block)))
         return block(h)
 
     def forward(self, x: Tensor, c: Tensor) -> Tensor:
