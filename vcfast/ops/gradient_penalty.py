@@ -43,7 +43,6 @@ from typing import NamedTuple
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.autograd.function import once_differentiable
 
 from vcfast.ops.slope_bits import leaky_relu_with_bits, penalty_terms, scale_by_slope_bits_
 
@@ -297,6 +296,8 @@ def _weight_gradient(step: _Step, weight: torch.Tensor, t: torch.Tensor, b: torc
                        -(-weight.numel() * weight.element_size() // _WEIGHT_GRAD_SLICE_BYTES))
     per_sample = b[:1].numel() * b.element_size()
     batch_step = max(1, _BATCH_SLICE_BYTES // max(per_sample, 1))
+    if n_slices == 1 and batch_step >= b.shape[0]:  # one piece: no buffer to assemble it in
+        return _weight_grad_rows(step, weight.shape, t, b, 0, weight.shape[0]).to(weight.dtype)
     grad = torch.zeros_like(weight)
     # Row ranges as torch.tensor_split makes them, in plain ints (traceable by torch.compile).
     n_rows = weight.shape[0]
@@ -365,6 +366,10 @@ def _lean_forward(plan: tuple, x_hat: torch.Tensor, weights: Sequence[torch.Tens
 _FREED = ("gradient_penalty(mode='lean'): backward through the penalty a second time; the lean "
           "penalty frees what its backward needs as it goes, even with retain_graph=True. "
           "Compute the penalty again, or use mode='autograd' to backward through it twice.")
+
+
+_NOT_TWICE = ("gradient_penalty(mode='lean') cannot be differentiated twice (create_graph=True): "
+              "its backward is the hand-written tangent pass; use mode='autograd' for that.")
 
 
 class _TangentPass:
@@ -445,9 +450,10 @@ class _LeanLayerNode(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, token, tangent_pass, k, weight):
+    def forward(ctx, token, tangent_pass, k, weight, connected_bias):
         ctx.tangent_pass, ctx.k = tangent_pass, k
         ctx.save_for_backward(weight)  # version-checked: an optimizer step in between is an error
+        ctx.bias_shape = None if connected_bias is None else connected_bias.shape
         if k == 0:
             return tangent_pass.gp
         # The tangent leaving linear layer k - 1 has that layer's output shape, b_{k-1}'s.
@@ -455,12 +461,29 @@ class _LeanLayerNode(torch.autograd.Function):
         return torch.zeros((), dtype=tangent_pass.dtype, device=weight.device).expand(shape)
 
     @staticmethod
-    @once_differentiable
     def backward(ctx, incoming):
+        if torch.is_grad_enabled():  # create_graph=True: a gradient of the gradient is wanted
+            raise RuntimeError(_NOT_TWICE)
         (weight,) = ctx.saved_tensors
         next_tangent, weight_grad = ctx.tangent_pass.step(
             ctx.k, incoming, weight, ctx.needs_input_grad[3], ctx.needs_input_grad[0])
-        return next_tangent, None, None, weight_grad
+        bias_grad = None
+        if ctx.needs_input_grad[4]:
+            bias_grad = torch.zeros(ctx.bias_shape, dtype=weight.dtype, device=weight.device)
+        return next_tangent, None, None, weight_grad, bias_grad
+
+
+def _connected_biases(plan: tuple, biases: Sequence[torch.Tensor | None]) -> list:
+    """The biases autograd's double backward connects to gp: those followed by an activation.
+
+    An activation's derivative is read from its input, which the biases before it shift, so
+    autograd's graph of g reaches those biases (with a gradient of exactly zero, the slopes
+    being piecewise constant); biases after the last activation are not in that graph at all.
+    The lean penalty gives the same: zeros for the first kind, None for the second.
+    """
+    last_activation = max((i for i, s in enumerate(plan) if s.kind == _ACTIVATION), default=-1)
+    linear_steps = [i for i, s in enumerate(plan) if s.kind in _LINEAR_KINDS]
+    return [bias if index < last_activation else None for index, bias in zip(linear_steps, biases)]
 
 
 def _lean_penalty_eager(plan, x_hat, weights, biases, target, weight):
@@ -470,9 +493,10 @@ def _lean_penalty_eager(plan, x_hat, weights, biases, target, weight):
     tangent_pass = _TangentPass(plan, saved)
     tangent_pass.gp = gp
     tangent_pass.dtype = saved.u.dtype  # the tangent's (see _TangentPass.step)
+    connected = _connected_biases(plan, biases)
     token = None
     for k in range(len(weights) - 1, -1, -1):
-        token = _LeanLayerNode.apply(token, tangent_pass, k, weights[k])
+        token = _LeanLayerNode.apply(token, tangent_pass, k, weights[k], connected[k])
     tangent_pass.gp = None  # node 0 returned it; the pass must not keep it alive
     return token
 
@@ -481,30 +505,53 @@ def _lean_penalty_eager(plan, x_hat, weights, biases, target, weight):
 
 @torch.library.custom_op("vcfast::lean_gradient_penalty", mutates_args=())
 def _lean_gradient_penalty_op(x_hat: torch.Tensor, weights: list[torch.Tensor],
-                              biases: list[torch.Tensor | None], plan_codes: list[int],
-                              negative_slopes: list[float], target: float,
+                              biases: list[torch.Tensor], bias_layers: list[int],
+                              plan_codes: list[int], negative_slopes: list[float], target: float,
                               weight: float) -> tuple[torch.Tensor, torch.Tensor, list[torch.Tensor],
                                                       list[torch.Tensor]]:
-    """(gp, u, b_k per linear step, slope bits per activation step); see the module doc."""
+    """(gp, u, b_k per linear step, slope bits per activation step); see the module doc.
+
+    ``weights``: one per linear step; ``biases[i]`` belongs to linear step ``bias_layers[i]``
+    (layers without a bias are left out).
+    """
+    return _lean_op_outputs(x_hat, weights, biases, bias_layers, plan_codes, negative_slopes,
+                            target, weight)
+
+
+def _lean_op_outputs(x_hat, weights, biases, bias_layers, plan_codes, negative_slopes, target, weight):
     plan = _decode(plan_codes, negative_slopes)
-    gp, saved = _lean_forward(plan, x_hat, weights, biases, target, weight)
+    gp, saved = _lean_forward(plan, x_hat, weights, _per_layer(biases, bias_layers, len(weights)),
+                              target, weight)
     return gp, saved.u, list(saved.output_grads), list(saved.slope_bits)
+
+
+def _per_layer(biases, bias_layers, n_layers) -> list:
+    if len(biases) != len(bias_layers) or any(not 0 <= k < n_layers for k in bias_layers):
+        raise ValueError(f"lean_gradient_penalty: bias_layers {list(bias_layers)} must give a linear "
+                         f"step (0..{n_layers - 1}) for each of the {len(biases)} biases")
+    per_layer = [None] * n_layers
+    for bias, k in zip(biases, bias_layers):
+        per_layer[k] = bias
+    return per_layer
 
 
 @_lean_gradient_penalty_op.register_fake
-def _lean_gradient_penalty_fake(x_hat, weights, biases, plan_codes, negative_slopes, target, weight):
+def _lean_gradient_penalty_fake(x_hat, weights, biases, bias_layers, plan_codes, negative_slopes,
+                                target, weight):
     # Every op the passes call has a fake, so the passes themselves size the outputs.
-    plan = _decode(plan_codes, negative_slopes)
-    gp, saved = _lean_forward(plan, x_hat, weights, biases, target, weight)
-    return gp, saved.u, list(saved.output_grads), list(saved.slope_bits)
+    return _lean_op_outputs(x_hat, weights, biases, bias_layers, plan_codes, negative_slopes,
+                            target, weight)
 
 
 def _op_setup_context(ctx, inputs, output):
-    x_hat, weights, biases, plan_codes, negative_slopes, target, weight = inputs
+    x_hat, weights, biases, bias_layers, plan_codes, negative_slopes, target, weight = inputs
     _, u, output_grads, slope_bits = output
     ctx.plan = _decode(plan_codes, negative_slopes)
     ctx.counts = (len(weights), len(output_grads))
     ctx.needs_grad = [w.requires_grad for w in weights]
+    connected = _connected_biases(ctx.plan, _per_layer(biases, bias_layers, len(weights)))
+    ctx.zero_bias_grads = [(b.shape, b.dtype, b.device) if b.requires_grad and connected[k] is not None
+                           else None for b, k in zip(biases, bias_layers)]
     ctx.save_for_backward(*weights, u, *output_grads, *slope_bits)
 
 
@@ -515,7 +562,9 @@ def _op_backward(ctx, grad_gp, grad_u, grad_output_grads, grad_slope_bits):
     saved = _Saved(u, tensors[n_weights + 1:n_weights + 1 + n_linear], tensors[n_weights + 1 + n_linear:])
     del tensors
     grads = _TangentPass(ctx.plan, saved).run(grad_gp, weights, ctx.needs_grad)
-    return None, grads, None, None, None, None, None
+    bias_grads = [None if meta is None else torch.zeros(meta[0], dtype=meta[1], device=meta[2])
+                  for meta in ctx.zero_bias_grads]
+    return None, grads, bias_grads, None, None, None, None, None
 
 
 _lean_gradient_penalty_op.register_autograd(_op_backward, setup_context=_op_setup_context)
@@ -525,13 +574,15 @@ def _lean_penalty(layers: Sequence[nn.Module], x_hat: torch.Tensor, target: floa
     plan = _plan(layers)
     linear_layers = [layer for layer in layers if isinstance(layer, _LINEAR)]
     weights = [layer.weight for layer in linear_layers]
-    # Biases shape the forward's slopes but not g, so they enter detached: like autograd's
-    # double backward, the penalty gives them no gradient (None, not zeros).
-    biases = [None if layer.bias is None else layer.bias.detach() for layer in linear_layers]
+    # Biases shape the forward's slopes but not g: their gradient is zero or None, as
+    # autograd's (see _connected_biases).
+    biases = [layer.bias for layer in linear_layers]
     if torch.compiler.is_compiling():
         codes, slopes = _encode(plan)
-        gp, *_ = torch.ops.vcfast.lean_gradient_penalty(x_hat, weights, biases, codes, slopes,
-                                                       float(target), float(weight))
+        bias_layers = [k for k, bias in enumerate(biases) if bias is not None]
+        gp, *_ = torch.ops.vcfast.lean_gradient_penalty(
+            x_hat, weights, [biases[k] for k in bias_layers], bias_layers, codes, slopes,
+            float(target), float(weight))
         return gp
     return _lean_penalty_eager(plan, x_hat, weights, biases, float(target), float(weight))
 
