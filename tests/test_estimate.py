@@ -3,7 +3,8 @@
 import pytest
 
 from vcfast.cli import main
-from vcfast.estimate import estimate_iteration, largest_batches
+from vcfast.estimate import estimate_iteration, iteration_conv_calls, largest_batches
+from vcfast.memory import MeasuredConvScratch
 
 SMALL = dict(image_size=64, n_critic=1)  # paper channel widths, small images: seconds on meta
 
@@ -87,6 +88,24 @@ def test_onednn_workspace_only_adds():
     scratch = estimate_iteration(1, implementation="reference", workspace="onednn", **SMALL)
     assert scratch["baseline_bytes"] == plain["baseline_bytes"]
     assert scratch["peak_bytes"] > plain["peak_bytes"]
+
+
+def test_a_scratch_model_plugs_into_the_estimate():
+    """``workspace`` takes any scratch model, e.g. the measured one of calibrate_conv_scratch
+    (vcfast.memory.MeasuredConvScratch): measured calls cost what they measured, the others
+    fall back to the fixed oneDNN model."""
+    kw = dict(implementation="reference", label_space=_tiny_labels(), **TINY)
+    calls = iteration_conv_calls(1, **kw)
+    plain = estimate_iteration(1, **kw)
+    fixed = estimate_iteration(1, workspace="onednn", **kw)
+    measured_as_free = MeasuredConvScratch({key: 0 for key in calls})
+    assert estimate_iteration(1, workspace=measured_as_free, **kw)["peak_bytes"] == plain["peak_bytes"]
+    assert measured_as_free.misses == 0
+    unmeasured = MeasuredConvScratch({})
+    with_fallback = estimate_iteration(1, workspace=unmeasured, **kw)
+    assert with_fallback["peak_bytes"] == fixed["peak_bytes"] > plain["peak_bytes"]
+    assert unmeasured.misses == sum(calls.values())
+    assert with_fallback["workspace"] == "MeasuredConvScratch"
 
 
 def test_bad_option_arguments():

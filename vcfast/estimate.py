@@ -41,7 +41,7 @@ from __future__ import annotations
 
 import contextlib
 import textwrap
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 
 import torch
 import torch.nn.functional as F
@@ -49,10 +49,18 @@ from torch.overrides import TorchFunctionMode
 from torch.utils._pytree import tree_map
 
 from vcfast.labels import LabelSpace
-from vcfast.memory import LiveBytesTracker, measure_process_peak, onednn_conv_scratch, tensor_bytes
+from vcfast.memory import (
+    ConvCallRecorder,
+    LiveBytesTracker,
+    MeasuredConvScratch,
+    measure_conv_scratch,
+    measure_process_peak,
+    onednn_conv_scratch,
+    tensor_bytes,
+)
 
-__all__ = ["TrainingIteration", "build_iteration", "estimate_iteration", "largest_batches",
-           "measure_iteration"]
+__all__ = ["TrainingIteration", "build_iteration", "calibrate_conv_scratch", "estimate_iteration",
+           "iteration_conv_calls", "largest_batches", "measure_iteration"]
 
 _DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 _AUTOCAST = {"bf16": torch.bfloat16}
@@ -192,8 +200,8 @@ def _check_options(batch, implementation, dtype, autocast, workspace=None, n_cri
         raise ValueError(f"autocast must be None or one of {sorted(_AUTOCAST)}, got {autocast!r}")
     if autocast is not None and dtype != "fp32":
         raise ValueError(f"autocast={autocast!r} keeps fp32 weights: dtype must be 'fp32', got {dtype!r}")
-    if workspace not in _WORKSPACES:
-        raise ValueError(f"workspace must be None or 'onednn', got {workspace!r}")
+    if not callable(workspace) and workspace not in _WORKSPACES:
+        raise ValueError(f"workspace must be None, 'onednn' or a scratch model (callable), got {workspace!r}")
     if isinstance(n_critic, bool) or not isinstance(n_critic, int) or n_critic < 0:
         raise ValueError(f"n_critic must be an int >= 0, got {n_critic!r}")
 
@@ -317,13 +325,16 @@ def estimate_iteration(batch: int = 16, *, implementation: str = "vcfast", dtype
                        image_size: int = 256, label_space: LabelSpace | None = None,
                        conv_dim: int = 64, n_critic: int = 5, device: str = "meta",
                        checkpoint_residual_blocks: bool = False, autocast: str | None = None,
-                       workspace: str | None = None) -> dict:
+                       workspace: str | Callable[..., int] | None = None) -> dict:
     """Peak bytes of one training iteration, overall and per phase.
 
     ``autocast="bf16"``: fp32 weights, bf16 autocast (run on fake CPU tensors, see the module
     doc; CPU autocast's op lists). ``checkpoint_residual_blocks``: vcfast G recomputes its
-    residual blocks in backward. ``workspace="onednn"``: add the CPU convolution scratch model
-    (for comparing with a real CPU run); default ``None`` counts tensors only.
+    residual blocks in backward. ``workspace``: kernel scratch below the dispatcher, for
+    comparing with a real CPU run; default ``None`` counts tensors only. ``"onednn"``: the
+    fixed model :func:`vcfast.memory.onednn_conv_scratch` (fitted on an AVX-512 CPU); a
+    callable: any ``scratch`` model of :class:`vcfast.memory.LiveBytesTracker`, e.g. the
+    convolution scratch measured on this machine by :func:`calibrate_conv_scratch`.
 
     Returns ``{"peak_bytes", "baseline_bytes" (weights + gradients + optimizer state + batch),
     "peak_allocated_bytes" (peak minus baseline), "phases": {"d_step": peak, "g_step": peak},
@@ -335,13 +346,15 @@ def estimate_iteration(batch: int = 16, *, implementation: str = "vcfast", dtype
                                 n_critic=n_critic, device=device,
                                 checkpoint_residual_blocks=checkpoint_residual_blocks, autocast=autocast)
     baseline = iteration.baseline_bytes()
-    tracker = LiveBytesTracker(baseline_bytes=baseline, scratch=_WORKSPACES[workspace])
+    scratch = workspace if callable(workspace) else _WORKSPACES[workspace]
+    tracker = LiveBytesTracker(baseline_bytes=baseline, scratch=scratch)
     with tracker:
         iteration.run(tracker)
     return {
         "implementation": implementation, "batch": batch, "dtype": dtype, "image_size": image_size,
         "conv_dim": conv_dim, "n_critic": n_critic, "autocast": autocast,
-        "checkpoint_residual_blocks": bool(checkpoint_residual_blocks), "workspace": workspace,
+        "checkpoint_residual_blocks": bool(checkpoint_residual_blocks),
+        "workspace": workspace if workspace is None or isinstance(workspace, str) else type(workspace).__name__,
         "peak_bytes": tracker.peak_bytes, "baseline_bytes": baseline,
         "peak_allocated_bytes": tracker.peak_allocated_bytes,
         "phases": dict(tracker.phase_peaks),
@@ -367,6 +380,35 @@ def largest_batches(budgets_bytes: list[int], *, implementation: str = "vcfast",
             guess -= 1
         answers[budget] = max(guess, 0)
     return answers
+
+
+def iteration_conv_calls(batch: int = 16, **options) -> dict[tuple, int]:
+    """The distinct convolution calls of one iteration (``options`` as for
+    :func:`build_iteration`), recorded on the meta device: :func:`vcfast.memory.conv_call_key`
+    -> number of calls."""
+    iteration = build_iteration(batch, device="meta", **options)
+    with ConvCallRecorder() as recorder:
+        iteration.run()
+    return recorder.calls
+
+
+def calibrate_conv_scratch(batches: Iterable[int] = (16,), implementations: Iterable[str] = _IMPLEMENTATIONS,
+                           *, threads: int = 2, **options) -> MeasuredConvScratch:
+    """The scratch of every convolution call the iterations make, measured on this CPU.
+
+    The iterations (each batch x implementation, the other ``options`` as for
+    :func:`build_iteration`) run on the meta device to record their convolution calls; the
+    distinct calls are then replayed on real CPU tensors in one fresh process
+    (:func:`vcfast.memory.measure_conv_scratch`). Pass the result as
+    ``estimate_iteration(..., workspace=...)`` for any of those configurations: the estimate
+    then uses what this CPU's oneDNN build really allocates instead of the fixed ``"onednn"``
+    model (fitted on one AVX-512 CPU).
+    """
+    calls: dict[tuple, int] = {}
+    for batch in batches:
+        for implementation in implementations:
+            calls.update(iteration_conv_calls(batch, implementation=implementation, **options))
+    return MeasuredConvScratch(measure_conv_scratch(calls, threads=threads))
 
 
 _MEASURE_SETUP = textwrap.dedent(

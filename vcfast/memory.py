@@ -1,4 +1,4 @@
-"""Live tensor memory tracking: the core of the VRAM estimator (issue 5, section 4).
+"""Live tensor memory tracking: the core of the iteration memory estimator (vcfast/estimate.py).
 
 :class:`LiveBytesTracker` is a ``TorchDispatchMode`` that sees every aten op (forward, autograd's
 backward, optimizer steps) and counts the bytes of the tensor *storages* those ops create, each
@@ -22,9 +22,13 @@ the storage itself is freed. The storage's C++ address (``_cdata``) is the key, 
 seen through many tensors (views, in-place results, ``out=``) is counted once.
 
 What is counted: the storages ops return. An output whose storage is one of the op's input
-storages (views, in-place ops, ``out=``) allocates nothing. Not seen: scratch memory a kernel
-allocates below the dispatcher (e.g. oneDNN/cuDNN workspaces) and allocator rounding/caching;
-``round_to`` (e.g. 512 for CUDA's caching allocator) approximates the latter.
+storages (views, in-place ops, ``out=``) allocates nothing, except ``aten.lift_fresh``, which
+hands on a tensor ``torch.tensor(data)`` filled outside the dispatcher. Not seen: scratch
+memory a kernel allocates below the dispatcher (e.g. oneDNN/cuDNN workspaces) and allocator
+rounding/caching; ``round_to`` (e.g. 512 for CUDA's caching allocator) approximates the
+latter, a ``scratch`` model the former: :func:`onednn_conv_scratch` (fixed, fitted on one
+AVX-512 CPU) or :class:`MeasuredConvScratch` (the convolution calls of a workload, recorded by
+:class:`ConvCallRecorder` and measured on the machine at hand by :func:`measure_conv_scratch`).
 """
 
 from __future__ import annotations
@@ -45,7 +49,9 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
-__all__ = ["LiveBytesTracker", "estimate", "measure_process_peak", "onednn_conv_scratch", "peak_memory", "tensor_bytes"]
+__all__ = ["ConvCallRecorder", "LiveBytesTracker", "MeasuredConvScratch", "conv_call_key", "estimate",
+           "measure_conv_scratch", "measure_process_peak", "onednn_conv_scratch", "peak_memory",
+           "tensor_bytes"]
 
 
 def _storage(t: torch.Tensor):
@@ -86,6 +92,12 @@ def tensor_bytes(*objs: Any) -> int:
             seen.add(s._cdata)
             total += s.nbytes()
     return total
+
+
+# torch.tensor(data) and friends fill a new tensor outside the dispatcher and then pass it
+# through aten.lift_fresh, which returns its input: that is the one place the tracker can see
+# the new storage, so it is counted there (it is skipped if already counted).
+_LIFT_FRESH = torch.ops.aten.lift_fresh.default
 
 
 class LiveBytesTracker(TorchDispatchMode):
@@ -220,7 +232,7 @@ class LiveBytesTracker(TorchDispatchMode):
             s = _storage(t)
             if s is None:
                 continue
-            if s._cdata in inputs:
+            if s._cdata in inputs and func is not _LIFT_FRESH:
                 self._resize(s)  # view / in-place / out=: no new storage, maybe grown
             else:
                 self._add(s)
@@ -238,7 +250,8 @@ def _nbytes(t: Any) -> int:
 def onednn_conv_scratch(func, args, kwargs, out) -> int:
     """Scratch model of PyTorch's CPU (oneDNN) convolutions on contiguous (NCHW) tensors.
 
-    Measured on torch 2.14 CPU (fresh process, glibc trimming as in ``bench/conftest.py``):
+    Measured on torch 2.14 CPU, on one AVX-512 CPU (fresh process, glibc trimming as in
+    ``bench/conftest.py``):
     oneDNN reorders NCHW activations and OIHW weights into blocked layouts inside the kernel,
     below the dispatcher. ``aten.convolution`` holds about max(input, output) + weight bytes
     of reordered copies, ``aten.convolution_backward`` about input + grad_output + weight
@@ -248,6 +261,11 @@ def onednn_conv_scratch(func, args, kwargs, out) -> int:
     of weight, 128 KiB of input at batch 1) raises the peak by its weight size in both
     directions. Channels-last input or weight: no activation reorder, ~0 scratch measured on
     the small convs, so this returns 0. Other ops: 0.
+
+    oneDNN picks other kernels, with other scratch, on other CPUs: with AVX2 only
+    (``DNNL_MAX_CPU_ISA=AVX2``, or an AVX2 CPU) a reduced StarGAN iteration's real peak is
+    17-22 % above this model's estimate. For figures that hold on any CPU, measure the calls on
+    the machine: :class:`MeasuredConvScratch` / ``vcfast.estimate.calibrate_conv_scratch``.
     """
     name = getattr(func, "__name__", "")
     if not name.startswith(("convolution.", "convolution_backward.")) or func.namespace != "aten":
@@ -386,6 +404,179 @@ def measure_process_peak(setup_code: str, threads: int = 2, warmup: bool = True)
     figures = json.loads(result.stdout.strip().splitlines()[-1])
     figures["extra"] = max(0, figures["peak"] - figures["baseline"] - figures["out_bytes"])
     return figures
+
+
+# ---------------------------------------------------------------------------------------------
+# Convolution scratch measured on this machine
+#
+# The scratch a CPU convolution allocates below the dispatcher depends on the kernels oneDNN
+# picks for the CPU it runs on (AVX-512 and AVX2 builds reorder into different blocked
+# layouts), so a fixed model fitted on one CPU is off on another: onednn_conv_scratch, fitted
+# on an AVX-512 CPU, reads 17-22 % low on an AVX2-only one. Measuring the very convolution
+# calls a workload makes, on the machine at hand, removes the guess.
+
+_CONV_OPS = frozenset({"aten.convolution.default", "aten.convolution_backward.default"})
+
+
+def _describe_argument(value: Any) -> Any:
+    if isinstance(value, torch.Tensor):
+        # what decides the kernel and its scratch: shape, strides (layout) and dtype
+        return ("tensor", tuple(value.shape), tuple(value.stride()), str(value.dtype).removeprefix("torch."))
+    if isinstance(value, (list, tuple)):
+        return tuple(_describe_argument(v) for v in value)
+    if isinstance(value, (bool, int, float, str)) or value is None:
+        return value
+    return repr(value)
+
+
+def conv_call_key(func, args, kwargs=None) -> tuple | None:
+    """A hashable, ``repr``-able description of an aten convolution call: the op, then each
+    argument (tensors as ``("tensor", shape, stride, dtype)``, lists as tuples). The same call
+    on meta and on CPU tensors gets the same key. ``None`` for any other op."""
+    name = str(func)
+    if name not in _CONV_OPS:
+        return None
+    described = tuple(_describe_argument(a) for a in args)
+    if kwargs:
+        described += (("kwargs",) + tuple(sorted((k, _describe_argument(v)) for k, v in kwargs.items())),)
+    return (name,) + described
+
+
+class ConvCallRecorder(TorchDispatchMode):
+    """Records the distinct aten convolution calls made while active (on any device).
+
+    ``calls``: :func:`conv_call_key` -> number of calls, in order of first call."""
+
+    def __init__(self):
+        super().__init__()
+        self.calls: dict[tuple, int] = {}
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        key = conv_call_key(func, args, kwargs)
+        if key is not None:
+            self.calls[key] = self.calls.get(key, 0) + 1
+        return func(*args, **(kwargs or {}))
+
+
+_MEASURE_CONVS = textwrap.dedent(
+    """
+    import ast, gc, json, resource
+    import torch
+    torch.set_num_threads({threads})
+    keys = ast.literal_eval({keys!r})
+    page = resource.getpagesize()
+
+    def resident():
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * page
+
+    def max_rss():
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+    def materialize(spec):
+        if isinstance(spec, tuple) and spec[:1] == ("tensor",):
+            _, shape, stride, dtype = spec
+            # as many elements as the strides reach (stride 0, e.g. an expanded gradient, shares one)
+            extent = 1 + sum((n - 1) * s for n, s in zip(shape, stride)) if all(shape) else 0
+            return torch.randn(extent, dtype=getattr(torch, dtype)).as_strided(shape, stride)
+        if isinstance(spec, tuple):
+            return [materialize(v) for v in spec]
+        return spec
+
+    def new_bytes(out, args):
+        inputs = {{a.untyped_storage()._cdata for a in args if isinstance(a, torch.Tensor)}}
+        seen, total = set(), 0
+        for t in out if isinstance(out, (tuple, list)) else (out,):
+            if isinstance(t, torch.Tensor) and t.untyped_storage()._cdata not in inputs | seen:
+                seen.add(t.untyped_storage()._cdata)
+                total += t.untyped_storage().nbytes()
+        return total
+
+    results = []
+    for key in keys:
+        namespace, name, overload = key[0].split(".")
+        op = getattr(getattr(getattr(torch.ops, namespace), name), overload)
+        described = key[1:]
+        kwargs = {{}}
+        if described and isinstance(described[-1], tuple) and described[-1][:1] == ("kwargs",):
+            kwargs = {{keyword: materialize(v) for keyword, v in described[-1][1:]}}
+            described = described[:-1]
+        args = [materialize(a) for a in described]
+        out = op(*args, **kwargs)  # warm-up: oneDNN primitives, thread pools
+        del out
+        gc.collect()
+        # As in measure_process_peak: a touched ballast lifts the resident size to the
+        # high-water mark, so ru_maxrss rises with the call's first allocated byte.
+        gap = max_rss() - resident()
+        ballast = torch.ones(gap // 4 + 4096) if gap > 0 else None
+        baseline = resident()
+        out = op(*args, **kwargs)
+        peak = max_rss()
+        results.append(max(0, peak - baseline - new_bytes(out, [*args, *kwargs.values()])))
+        del out, ballast, args, kwargs
+        gc.collect()
+    print(json.dumps(results))
+    """
+)
+
+
+def _footprint(key: tuple) -> int:
+    def walk(spec):
+        if isinstance(spec, tuple) and spec[:1] == ("tensor",):
+            _, shape, _stride, dtype = spec
+            numel = 1
+            for n in shape:
+                numel *= n
+            return numel * getattr(torch, dtype).itemsize
+        if isinstance(spec, tuple):
+            return sum(walk(v) for v in spec)
+        return 0
+    return walk(key[1:])
+
+
+def measure_conv_scratch(keys: Iterable[tuple], threads: int = 2) -> dict[tuple, int]:
+    """Bytes each convolution call (:func:`conv_call_key`) allocates beyond its inputs and
+    outputs, measured on this CPU in one fresh process.
+
+    Each call is replayed on random tensors of the recorded shapes, strides and dtypes: one
+    warm-up call, then the resident size is lifted to the high-water mark by a ballast and the
+    rise of ru_maxrss over the call, less its outputs, is its scratch (glibc returns freed
+    memory at once, as in :func:`measure_process_peak`). Calls run smallest first, so the
+    ballasts stay small. Linux only (``/proc``, glibc).
+    """
+    if not sys.platform.startswith("linux"):
+        raise RuntimeError("measure_conv_scratch needs Linux (/proc/self/statm and glibc malloc)")
+    ordered = sorted(dict.fromkeys(keys), key=_footprint)
+    if not ordered:
+        return {}
+    env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536", MALLOC_TRIM_THRESHOLD_="65536")
+    code = _MEASURE_CONVS.format(threads=threads, keys=repr(ordered))
+    result = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
+                            check=False)
+    if result.returncode != 0:
+        raise RuntimeError(f"convolution scratch measurement failed:\n{result.stderr[-3000:]}")
+    return dict(zip(ordered, json.loads(result.stdout.strip().splitlines()[-1])))
+
+
+class MeasuredConvScratch:
+    """A ``scratch`` model for :class:`LiveBytesTracker` made of measured convolution calls
+    (:func:`measure_conv_scratch`): a recorded call costs what it measured; a convolution that
+    was not measured falls back to ``fallback`` (default :func:`onednn_conv_scratch`) and is
+    counted in ``misses``; other ops cost 0."""
+
+    def __init__(self, measured: dict[tuple, int], fallback: Callable[..., int] | None = onednn_conv_scratch):
+        self.measured = dict(measured)
+        self.fallback = fallback
+        self.misses = 0
+
+    def __call__(self, func, args, kwargs, out) -> int:
+        key = conv_call_key(func, args, kwargs)
+        if key is None:
+            return 0
+        if key in self.measured:
+            return self.measured[key]
+        self.misses += 1
+        return int(self.fallback(func, args, kwargs, out)) if self.fallback is not None else 0
 
 
 def estimate(*args: Any, **kwargs: Any) -> dict:
