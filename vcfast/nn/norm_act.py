@@ -13,7 +13,8 @@ Exact against ``nn.InstanceNorm2d(affine=True, track_running_stats=True)`` + ``n
 ``eps``), same running-stat update in train mode (``momentum``; unbiased variance; momentum
 None leaves them unchanged, like ``F.instance_norm`` with momentum 0; ``num_batches_tracked``
 is not touched, like nn.InstanceNorm2d), running statistics in eval mode when tracked.
-Not double-differentiable; convs must use ``padding_mode='zeros'`` and numeric padding.
+Not double-differentiable (a second derivative through the unit raises RuntimeError); convs
+must use ``padding_mode='zeros'`` and numeric padding.
 
 Autocast (``torch.autocast(device_type="cpu" | "cuda", dtype=torch.bfloat16 / float16)``): the
 unit behaves like the layers it replaces under autocast. The statistics and the norm-ReLU
@@ -84,6 +85,30 @@ def _cast(t: Tensor | None, dtype: torch.dtype | None) -> Tensor | None:
     return t.to(dtype)
 
 
+_DOUBLE_BACKWARD_ERROR = (
+    "InstanceNormReLUConv2d / LeanResidualBlock / instance_norm_relu_conv: second derivatives "
+    "(double backward, e.g. a gradient penalty through this unit) are not supported: the "
+    "lean unit recomputes its activation without a graph. Use nn.InstanceNorm2d, nn.ReLU and "
+    "the convolution as separate modules where a double backward is needed")
+
+
+def _refuse_double_backward(grads: tuple, sources: tuple) -> tuple:
+    """``grads`` with a graph that raises ``_DOUBLE_BACKWARD_ERROR`` if differentiated.
+
+    The graph must lead to ``sources`` (the tensors the gradients depend on), or a second
+    ``torch.autograd.grad(..., inputs=[z])`` would prune the raising node and silently see
+    no dependence: one element of each source joins the error node as an extra input.
+    """
+    present = [g for g in grads if g is not None]
+    anchors = [t.reshape(-1)[:1] for t in sources if t is not None and t.requires_grad]
+    if not present or not anchors:
+        return grads  # nothing a second derivative could reach
+    anchor = torch.cat([a.to(present[0].dtype) for a in anchors])
+    refuse = torch._C._functions.DelayedError(_DOUBLE_BACKWARD_ERROR, len(present) + 1)
+    wrapped = iter(refuse(*present, anchor)[:len(present)])
+    return tuple(None if g is None else next(wrapped) for g in grads)
+
+
 class _NormReLUConvFn(torch.autograd.Function):
     """out = conv(relu(gamma * (z - mean) * rstd + beta)); saves z (not the activation)."""
 
@@ -106,9 +131,23 @@ class _NormReLUConvFn(torch.autograd.Function):
         return out
 
     @staticmethod
-    @torch.autograd.function.once_differentiable
     def backward(ctx, grad_out):
-        z, mean, rstd, gamma, beta, weight = ctx.saved_tensors
+        # Under create_graph=True (a double backward) the gradients must carry a graph, and
+        # this backward, which recomputes the activation under no_grad, cannot give one: they
+        # get a graph that raises when differentiated. once_differentiable does that only when
+        # grad_out requires grad; otherwise (e.g. after ``.sum()``) it returns gradients
+        # without a graph, silently dropping the second-order terms through z and weight.
+        create_graph = torch.is_grad_enabled() and not torch.compiler.is_compiling()
+        saved = ctx.saved_tensors  # once: checkpointing allows one unpack per backward
+        with torch.no_grad():
+            grads = _NormReLUConvFn._gradients(ctx, grad_out, *saved)
+        if not create_graph:
+            return grads
+        z, _, _, gamma, beta, weight = saved
+        return _refuse_double_backward(grads, (grad_out, z, gamma, beta, weight))
+
+    @staticmethod
+    def _gradients(ctx, grad_out, z, mean, rstd, gamma, beta, weight):
         need_z, _, _, need_gamma, need_beta, need_w, need_b = ctx.needs_input_grad[:7]
         need_a = need_z or need_gamma or need_beta
         conv_dtype = ctx.conv_dtype
