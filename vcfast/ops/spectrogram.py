@@ -15,7 +15,8 @@ with per-bin dataset statistics (specgan); ``"none"`` leaves ln values as they a
 Backends (``backend=``): ``reference`` (the torch.stft chain below), ``cpu`` (C++ kernel in
 vcfast._C), ``cuda`` (cuFFT + fused CUDA epilogues in vcfast._C), ``triton`` (DFT of the kept
 bins as a GEMM with the epilogue fused). Default: ``cpu`` for CPU tensors, ``triton`` for CUDA
-tensors. Every backend has a gradient with respect to the waveform.
+tensors. Every backend has a gradient with respect to the waveform; only ``reference`` has
+second derivatives (the fused backends raise RuntimeError when differentiated twice).
 
 NaN policy: with ``nan_policy="raise"`` (default) a NaN or Inf in any sample that reaches the
 output raises ValueError; ``"propagate"`` lets it flow to the affected frames. Under
@@ -47,6 +48,10 @@ _WINDOWS = ("hamming", "hann", "rectangular")
 _NORMALIZATIONS = ("range", "standardize", "none")
 BACKENDS = ("reference", "cpu", "cuda", "triton")
 _PRECISIONS = ("ieee", "tf32", "bf16")
+SECOND_DERIVATIVE_ERROR = (
+    "vcfast.log_spectrogram: second derivatives (a double backward, create_graph=True) are not "
+    "implemented by the fused backends 'cpu', 'cuda' and 'triton'; use backend='reference' "
+    "where one is needed")
 
 
 @dataclass(frozen=True)
@@ -286,6 +291,13 @@ if _extension.EXTENSION_LOADED:
         return (grad_wave,) + (None,) * (3 + len(_SCALAR_NAMES) + 1)
 
     torch.library.register_autograd("vcfast::log_spectrogram", _backward, setup_context=_setup_context)
+
+    def _no_second_derivative(ctx, grad):
+        raise RuntimeError(SECOND_DERIVATIVE_ERROR)
+
+    # Without a formula a double backward would warn and silently drop every term through
+    # the fused backward (create_graph=True gave a gradient that depends on nothing).
+    torch.library.register_autograd("vcfast::log_spectrogram_backward", _no_second_derivative)
 
 
 # ---------------------------------------------------------------------------------------------

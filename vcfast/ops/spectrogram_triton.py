@@ -287,6 +287,13 @@ if _kernels is not None:
 
     _fwd_op.register_autograd(_backward, setup_context=_setup_context)
 
+    def _no_second_derivative(ctx, grad):
+        from vcfast.ops.spectrogram import SECOND_DERIVATIVE_ERROR
+
+        raise RuntimeError(SECOND_DERIVATIVE_ERROR)
+
+    _bwd_op.register_autograd(_no_second_derivative)
+
 
 def log_spectrogram_triton(
     wave: Tensor, window: Tensor, shift: Tensor, scale: Tensor, *, n_fft: int, hop: int,
