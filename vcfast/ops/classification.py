@@ -28,7 +28,9 @@ Backends (``backend=``): ``reference`` (plain PyTorch below), ``cpu`` (C++ kerne
 vcfast._C), ``cuda`` (CUDA C++ kernel in vcfast._C), ``triton``. Default: ``cpu`` for CPU
 tensors, ``triton`` for CUDA tensors (``cuda`` without triton). The fused kernels read
 logits and targets once forward and once backward, validate the target values in that same
-pass, and save nothing [N, C]-sized beyond the inputs themselves for the backward.
+pass, and save nothing [N, C]-sized beyond the inputs themselves for the backward. Only
+``reference`` has second derivatives (the fused backends raise RuntimeError when
+differentiated twice).
 """
 
 from __future__ import annotations
@@ -54,6 +56,10 @@ REDUCTIONS = {"none": 0, "sum": 1, "mean": 2, "group_mean": 3}
 _LOGIT_DTYPES = frozenset({torch.float16, torch.bfloat16, torch.float32, torch.float64})
 _TARGET_DTYPES = frozenset({torch.int8, torch.int16, torch.int32, torch.int64, torch.float16,
                             torch.bfloat16, torch.float32, torch.float64})
+SECOND_DERIVATIVE_ERROR = (
+    "vcfast.masked_multigroup_bce / masked_multigroup_softmax_ce: second derivatives (a double "
+    "backward, create_graph=True) are not implemented by the fused backends 'cpu', 'cuda' and "
+    "'triton'; use backend='reference' where one is needed")
 # Reasons of the softmax target checks; the C++ kernels use the same words.
 _SOFTMAX_REASONS = {
     2: "holds a value outside {-1, 0, 1}",
@@ -340,6 +346,14 @@ if _extension.EXTENSION_LOADED:
                                     setup_context=_bce_setup_context)
     torch.library.register_autograd("vcfast::masked_multigroup_softmax_ce", _softmax_backward,
                                     setup_context=_softmax_setup_context)
+
+    def _no_second_derivative(ctx, grad):
+        raise RuntimeError(SECOND_DERIVATIVE_ERROR)
+
+    # Without a formula a double backward would warn and silently drop every term through
+    # the fused backward (create_graph=True gave a gradient that depends on nothing).
+    for _name in ("masked_multigroup_bce_backward", "masked_multigroup_softmax_ce_backward"):
+        torch.library.register_autograd(f"vcfast::{_name}", _no_second_derivative)
 
 
 # ---------------------------------------------------------------------------------------------

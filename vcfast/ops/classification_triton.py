@@ -444,6 +444,14 @@ if _kernels is not None:
     _bce_fwd_op.register_autograd(_bce_backward, setup_context=_bce_setup_context)
     _sce_fwd_op.register_autograd(_sce_backward, setup_context=_sce_setup_context)
 
+    def _no_second_derivative(ctx, grad):
+        from vcfast.ops.classification import SECOND_DERIVATIVE_ERROR
+
+        raise RuntimeError(SECOND_DERIVATIVE_ERROR)
+
+    _bce_bwd_op.register_autograd(_no_second_derivative)
+    _sce_bwd_op.register_autograd(_no_second_derivative)
+
 
 def _check_runnable(name: str, logits: Tensor) -> None:
     if _kernels is None:
