@@ -13,7 +13,8 @@ the label term is ``T[b, o, r(i), s(j)]``. The tables are tiny; the only spatial
   (functional: a new contiguous tensor, ``conv_out`` is untouched), differentiable: the gradient
   for ``conv_out`` is the incoming gradient, the one for ``table`` is ``label_table_grad`` of it;
 * ``label_table_grad(grad, row_ids, col_ids, num_rows, num_cols)`` -> ``[B, O, R, S]``, the
-  segmented sum over the positions of each (row pattern, column pattern) pair.
+  segmented sum over the positions of each (row pattern, column pattern) pair, itself
+  differentiable (its adjoint is the gather), so second derivatives are exact.
 
 Backends: plain-PyTorch references here; C++ CPU ops ``vcfast::label_table_add`` /
 ``vcfast::label_table_grad`` (csrc/cpu/label_conv_cpu.cpp); Triton ops ``..._triton``
@@ -126,6 +127,19 @@ def _table_add_backward(ctx, grad):
     return grad, label_table_grad(grad, row_ids, col_ids, num_rows, num_cols), None, None
 
 
+def _table_grad_setup_context(ctx, inputs, output):
+    _, row_ids, col_ids, _, _ = inputs
+    ctx.save_for_backward(row_ids, col_ids)
+
+
+def _table_grad_backward(ctx, grad_table):
+    # label_table_grad is linear in its input; its adjoint gives every position the table
+    # entry of its (row pattern, column pattern). This makes LabelConcatConv2d twice
+    # differentiable (a double backward through label_table_add's backward).
+    row_ids, col_ids = ctx.saved_tensors
+    return grad_table.index_select(2, row_ids).index_select(3, col_ids), None, None, None, None
+
+
 if _HAS_KERNEL:
 
     @torch.library.register_fake("vcfast::label_table_add")
@@ -141,6 +155,8 @@ if _HAS_KERNEL:
 
     torch.library.register_autograd("vcfast::label_table_add", _table_add_backward,
                                     setup_context=_table_add_setup_context)
+    torch.library.register_autograd("vcfast::label_table_grad", _table_grad_backward,
+                                    setup_context=_table_grad_setup_context)
 
 
 def _use_kernel(t: Tensor) -> bool:

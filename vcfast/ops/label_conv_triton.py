@@ -23,6 +23,7 @@ import torch
 from torch import Tensor
 
 from vcfast.ops._triton import define_op, is_interpreted, load_kernels, require_runnable, triton
+from vcfast.ops.label_conv import _table_grad_backward, _table_grad_setup_context
 
 __all__ = ["label_table_add_triton", "label_table_grad_triton", "TRITON_IMPORT_ERROR", "USES_TRITON_OP"]
 
@@ -140,6 +141,7 @@ if _kernels is not None:
         return grad, _grad_op(grad, row_ids, col_ids, num_rows, num_cols), None, None
 
     _add_op.register_autograd(_backward, setup_context=_setup_context)
+    _grad_op.register_autograd(_table_grad_backward, setup_context=_table_grad_setup_context)
 
 
 def _require_triton(name: str, t: Tensor) -> None:
