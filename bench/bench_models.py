@@ -13,7 +13,12 @@ models through vcfast.convert_stargan (same parameters).
 Timed with pytest-benchmark at batch 1 and 2, paper size (1x256x256, conv_dim 64, 1479-wide
 labels), fp32, CPU. Memory: one full iteration (5 D steps + 1 G step) measured for real in a
 fresh process (vcfast.estimate.measure_iteration: glibc trimming, warm-up iteration, ballast,
-ru_maxrss) next to the meta estimate with the oneDNN scratch model, at batch 1 and 2.
+ru_maxrss) next to the meta estimate plus the convolution scratch measured on this machine
+(vcfast.estimate.calibrate_conv_scratch), at batch 1 and 2; the fixed oneDNN scratch model
+(fitted on an AVX-512 CPU) and the tensors alone are printed beside it. The figures depend on
+the CPU's instruction set, so every table carries the CPU model and the ATen / oneDNN ISA
+(bench/conftest.py conditions(); to see the AVX2 path on an AVX-512 CPU, run with
+ATEN_CPU_CAPABILITY=avx2 DNNL_MAX_CPU_ISA=AVX2).
 With --benchmark-disable (CI smoke) everything runs at a reduced size (64x64, conv_dim 16,
 16 classes) and the memory comparison runs at batch 2 only.
 """
@@ -27,7 +32,21 @@ import pytest
 import torch
 
 from conftest import BENCH_THREADS, conditions
-from vcfast.estimate import build_iteration, estimate_iteration, largest_batches, measure_iteration
+from vcfast.estimate import (
+    build_iteration,
+    calibrate_conv_scratch,
+    estimate_iteration,
+    largest_batches,
+    measure_iteration,
+)
+from vcfast.memory import (
+    ConvCallRecorder,
+    MeasuredConvScratch,
+    measure_conv_scratch,
+    measure_process_peak,
+    onednn_conv_scratch,
+    peak_memory,
+)
 from vcfast.labels import LabelSpace
 
 IMPLEMENTATIONS = ["reference", "vcfast"]
@@ -101,36 +120,117 @@ def test_g_step_cpu_time_ratio(capsys, size):
     assert lean[0] > 0 and ref[0] > 0
 
 
+#: The estimate with the convolution scratch measured on the machine (calibrate_conv_scratch)
+#: came within 2 % of the real peak on both oneDNN paths (AVX-512 and AVX2-only, reduced and
+#: paper size, see the README); 10 % leaves room for allocator and thread-pool noise while
+#: still failing on a real accounting error (the fixed AVX-512 model misses AVX2 by 17-22 %).
+CALIBRATED_TOLERANCE = 0.10
+
+
+def _error(estimate_bytes: int, real_bytes: int) -> float:
+    return (estimate_bytes - real_bytes) / real_bytes
+
+
 def test_memory_estimate_vs_real(capsys, size):
     """One full iteration (5 D steps + 1 G step) for real in a fresh process vs the meta
-    estimate with the oneDNN scratch model; what the iteration adds above weights + gradients +
-    optimizer state + batch, D steps alone and whole iteration (issue 5: within 15 %)."""
+    estimate; what the iteration adds above weights + gradients + optimizer state + batch, D
+    steps alone and whole iteration.
+
+    Real CPU convolutions allocate scratch below the dispatcher (oneDNN reorders, im2col
+    buffers) that depends on the CPU's instruction set. The estimate that is asserted takes
+    that scratch as measured on this machine: every distinct convolution call of the
+    iterations, recorded on meta, replayed once in a fresh process (calibrate_conv_scratch).
+    The fixed model fitted on an AVX-512 CPU (workspace="onednn") and the tensors alone are
+    printed beside it."""
     batches = BATCHES if size["paper"] else [2]
+    shape = dict(image_size=size["image_size"], conv_dim=size["conv_dim"], label_space=size["label_space"])
+    start = time.perf_counter()
+    calibrated = calibrate_conv_scratch(batches, IMPLEMENTATIONS, threads=BENCH_THREADS, **shape)
+    calibration_seconds = time.perf_counter() - start
     rows = []
     for batch in batches:
         for implementation in IMPLEMENTATIONS:
-            kw = dict(implementation=implementation, image_size=size["image_size"], conv_dim=size["conv_dim"],
-                      label_space=size["label_space"])
-            estimate = estimate_iteration(batch, workspace="onednn", **kw)
+            kw = dict(implementation=implementation, **shape)
+            estimate = estimate_iteration(batch, workspace=calibrated, **kw)
+            fixed = estimate_iteration(batch, workspace="onednn", **kw)
             tensors_only = estimate_iteration(batch, **kw)
             start = time.perf_counter()
-            real = measure_iteration(batch, **kw)
-            rows.append((batch, implementation, estimate, tensors_only, real, time.perf_counter() - start, _load()))
+            real = measure_iteration(batch, threads=BENCH_THREADS, **kw)
+            rows.append((batch, implementation, estimate, fixed, tensors_only, real, time.perf_counter() - start,
+                         _load()))
     with capsys.disabled():
         print(f"\nOne training iteration, {_describe(size)}, fp32, CPU, {BENCH_THREADS} threads: memory added "
               f"above weights + grads + optimizer state + batch (MiB); {conditions()}")
+        print(f"convolution scratch measured on this machine: {len(calibrated.measured)} distinct calls, "
+              f"{calibration_seconds:.0f} s")
         print("| batch | implementation | D steps: estimate / real | iteration: estimate / real | error "
-              "| tensors only (no oneDNN scratch) | total above process: estimate / real | wall (s), load |")
-        print("|---:|---|---:|---:|---:|---:|---:|---|")
-        for batch, implementation, est, plain, real, wall, load in rows:
+              "| fixed AVX-512 scratch model: estimate, error | tensors only | total above process: estimate / real "
+              "| wall (s), load |")
+        print("|---:|---|---:|---:|---:|---:|---:|---:|---|")
+        for batch, implementation, est, fixed, plain, real, wall, load in rows:
             d_est = est["phases"]["d_step"] - est["baseline_bytes"]
-            error = (est["peak_allocated_bytes"] - real["peak_allocated_bytes"]) / real["peak_allocated_bytes"]
+            real_bytes = real["peak_allocated_bytes"]
             print(f"| {batch} | {implementation} | {d_est / MIB:.0f} / {real['d_steps_allocated_bytes'] / MIB:.0f} "
-                  f"| {est['peak_allocated_bytes'] / MIB:.0f} / {real['peak_allocated_bytes'] / MIB:.0f} "
-                  f"| {100 * error:+.1f} % | {plain['peak_allocated_bytes'] / MIB:.0f} "
+                  f"| {est['peak_allocated_bytes'] / MIB:.0f} / {real_bytes / MIB:.0f} "
+                  f"| {100 * _error(est['peak_allocated_bytes'], real_bytes):+.1f} % "
+                  f"| {fixed['peak_allocated_bytes'] / MIB:.0f}, "
+                  f"{100 * _error(fixed['peak_allocated_bytes'], real_bytes):+.1f} % "
+                  f"| {plain['peak_allocated_bytes'] / MIB:.0f} "
                   f"| {est['peak_bytes'] / MIB:.0f} / {real['peak_bytes'] / MIB:.0f} | {wall:.0f}, {load} |")
-    for batch, implementation, est, _plain, real, _wall, _load_ in rows:
-        assert abs(est["peak_allocated_bytes"] - real["peak_allocated_bytes"]) <= 0.15 * real["peak_allocated_bytes"]
+    assert calibrated.misses == 0  # every convolution the estimates ran had been measured
+    for batch, implementation, est, _fixed, _plain, real, _wall, _load_ in rows:
+        assert real["estimated_baseline_bytes"] == est["baseline_bytes"]  # same models, state, batch
+        error = _error(est["peak_allocated_bytes"], real["peak_allocated_bytes"])
+        assert abs(error) <= CALIBRATED_TOLERANCE, (batch, implementation, f"{100 * error:+.1f} %", conditions())
+
+
+_CONV_STACK = """
+import torch
+torch.manual_seed(0)
+mf = torch.{memory_format}
+net = torch.nn.Sequential(torch.nn.Conv2d(8, 64, 3, padding=1), torch.nn.ReLU(),
+    torch.nn.Conv2d(64, 64, 3, padding=1), torch.nn.ReLU(),
+    torch.nn.Conv2d(64, 64, 3, padding=1), torch.nn.ReLU()).to(memory_format=mf)
+x = torch.randn(2, 8, 192, 192).to(memory_format=mf).requires_grad_()
+def run():
+    net.zero_grad(set_to_none=True)
+    x.grad = None
+    net(x).sum().backward()
+    return torch.zeros(0)
+"""
+
+
+@pytest.mark.parametrize("memory_format", ["channels_last", "contiguous_format"])
+def test_conv_stack_memory_estimate_vs_real(capsys, memory_format):
+    """3 x (conv3x3 + ReLU), 8 -> 64 -> 64 -> 64 channels, batch 2, 192 x 192, fp32, forward +
+    backward: the tracker on meta (75.6 MB of tensors in both layouts) plus the convolution
+    scratch measured on this machine, vs the real peak-RSS increase in a fresh process. NCHW
+    convolutions reorder into oneDNN's blocked layouts below the dispatcher; channels-last
+    ones hardly do."""
+    namespace: dict = {}
+    exec(_CONV_STACK.format(memory_format=memory_format), namespace)
+    net = namespace["net"].to("meta")
+    x = namespace["x"].detach().to("meta").requires_grad_()
+
+    def step():
+        net.zero_grad(set_to_none=True)
+        x.grad = None
+        net(x).sum().backward()
+
+    with ConvCallRecorder() as recorder:
+        step()
+    calibrated = MeasuredConvScratch(measure_conv_scratch(recorder.calls, threads=BENCH_THREADS))
+    estimate = peak_memory(step, device=None, scratch=calibrated)["peak_allocated_bytes"]
+    fixed = peak_memory(step, device=None, scratch=onednn_conv_scratch)["peak_allocated_bytes"]
+    tensors_only = peak_memory(step, device=None)["peak_allocated_bytes"]
+    real = measure_process_peak(_CONV_STACK.format(memory_format=memory_format), threads=BENCH_THREADS)["extra"]
+    with capsys.disabled():
+        print(f"\n3 x conv3x3, {memory_format}, batch 2, 192 x 192, fwd + bwd, MB: estimate {estimate / 1e6:.1f} "
+              f"({100 * _error(estimate, real):+.1f} %), fixed AVX-512 model {fixed / 1e6:.1f} "
+              f"({100 * _error(fixed, real):+.1f} %), tensors only {tensors_only / 1e6:.1f}, real {real / 1e6:.1f}; "
+              f"{conditions()}")
+    assert calibrated.misses == 0
+    assert abs(_error(estimate, real)) <= CALIBRATED_TOLERANCE, (estimate, real, conditions())
 
 
 def test_estimator_table(benchmark, capsys, size):

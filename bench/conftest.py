@@ -5,8 +5,11 @@ Run: ``pytest bench`` (timings), ``pytest bench --benchmark-disable`` (one pass 
 
 from __future__ import annotations
 
+import functools
 import os
 import platform
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -16,15 +19,45 @@ from vcfast.memory import measure_process_peak
 BENCH_THREADS = int(os.environ.get("VCFAST_BENCH_THREADS", "2"))
 
 
-def conditions() -> str:
-    cpu = platform.processor() or platform.machine()
+def cpu_model() -> str:
+    """/proc/cpuinfo's "model name" (else what the platform module knows)."""
     try:
         with open("/proc/cpuinfo") as f:
-            cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+            return next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
     except (OSError, StopIteration):
-        pass
+        return platform.processor() or platform.machine()
+
+
+@functools.lru_cache(maxsize=None)
+def onednn_isa() -> str:
+    """The instruction set oneDNN's CPU kernels use here, as oneDNN itself reports it (one
+    convolution in a fresh process with ONEDNN_VERBOSE=1; DNNL_MAX_CPU_ISA caps it)."""
+    code = ("import torch\n"
+            "torch.nn.functional.conv2d(torch.randn(2, 64, 32, 32), torch.randn(64, 64, 3, 3))\n")
+    try:
+        result = subprocess.run([sys.executable, "-c", code], env=dict(os.environ, ONEDNN_VERBOSE="1"),
+                                capture_output=True, text=True, timeout=120, check=False)
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+    for line in result.stdout.splitlines():
+        if ",cpu,isa:" in line:
+            return line.split(",cpu,isa:", 1)[1].strip()
+    return "unknown"
+
+
+def cpu_isa() -> str:
+    """ATen's vectorised-kernel level (ATEN_CPU_CAPABILITY can lower it) and oneDNN's ISA,
+    with the environment caps that were set: they decide which kernels, and which kernel
+    scratch, the CPU measurements see."""
+    isa = f"ATen {torch.backends.cpu.get_cpu_capability()}, oneDNN {onednn_isa()}"
+    caps = [f"{name}={os.environ[name]}" for name in ("ATEN_CPU_CAPABILITY", "DNNL_MAX_CPU_ISA", "ONEDNN_MAX_CPU_ISA")
+            if os.environ.get(name)]
+    return isa + (f" ({', '.join(caps)})" if caps else "")
+
+
+def conditions() -> str:
     gpu = torch.cuda.get_device_name() if torch.cuda.is_available() else "none"
-    return (f"torch {torch.__version__}, CPU {cpu} ({os.cpu_count()} cores), "
+    return (f"torch {torch.__version__}, CPU {cpu_model()} ({os.cpu_count()} cores), ISA {cpu_isa()}, "
             f"threads {BENCH_THREADS}, GPU {gpu}")
 
 

@@ -216,6 +216,25 @@ def test_conv_call_keys_are_the_same_on_meta_and_cpu():
     assert conv_call_key(torch.ops.aten.add.Tensor, (a_cpu[0], a_cpu[0])) is None
 
 
+@pytest.mark.parametrize("memory_format", [torch.channels_last, torch.contiguous_format])
+def test_conv_calls_recorded_on_meta_are_the_cpu_calls(memory_format):
+    """The calibrated estimate replays calls recorded on meta: they must be the CPU's, also
+    for channels-last convolutions, whose meta outputs come back contiguous."""
+    calls = {}
+    for device in ("meta", "cpu"):
+        net = _conv_net(memory_format).to(device)
+        x = torch.randn(2, 3, 12, 12).to(device=device, memory_format=memory_format).requires_grad_()
+        with ConvCallRecorder() as recorder:
+            net(x).sum().backward()
+        calls[device] = recorder.calls
+    assert len(calls["cpu"]) == 4
+    assert calls["meta"] == calls["cpu"]
+    if memory_format == torch.channels_last:  # every activation described channels-last
+        four_d = [spec for key in calls["cpu"] for spec in key[1:]
+                  if isinstance(spec, tuple) and spec[:1] == ("tensor",) and len(spec[1]) == 4]
+        assert len(four_d) == 10 and all(spec[2][1] == 1 for spec in four_d)
+
+
 def test_conv_call_recorder_counts_distinct_calls():
     net = _conv_net()
     with ConvCallRecorder() as recorder:

@@ -418,12 +418,33 @@ def measure_process_peak(setup_code: str, threads: int = 2, warmup: bool = True)
 _CONV_OPS = frozenset({"aten.convolution.default", "aten.convolution_backward.default"})
 
 
-def _describe_argument(value: Any) -> Any:
+def _dense_strides(shape: tuple, channels_last: bool) -> tuple:
+    order = [1, 3, 2, 0] if channels_last else list(range(len(shape) - 1, -1, -1))  # fastest first
+    strides, step = [0] * len(shape), 1
+    for dim in order:
+        strides[dim] = step
+        step *= max(shape[dim], 1)
+    return tuple(strides)
+
+
+def _describe_argument(value: Any, channels_last: bool) -> Any:
     if isinstance(value, torch.Tensor):
-        # what decides the kernel and its scratch: shape, strides (layout) and dtype
-        return ("tensor", tuple(value.shape), tuple(value.stride()), str(value.dtype).removeprefix("torch."))
+        # What decides the kernel and its scratch: shape, layout and dtype. Dense tensors get
+        # canonical strides, because meta and CPU kernels may disagree on the strides of size-1
+        # dims, and on layout: meta convolutions return contiguous outputs where CPU ones
+        # return channels-last, and a CPU convolution runs channels-last (converting what is
+        # not) when its input or weight is, so then every dense 4-D tensor is channels-last.
+        shape = tuple(value.shape)
+        if channels_last and value.dim() == 4 and (value.is_contiguous()
+                                                   or value.is_contiguous(memory_format=torch.channels_last)):
+            stride = _dense_strides(shape, channels_last=True)
+        elif value.is_contiguous():
+            stride = _dense_strides(shape, channels_last=False)
+        else:
+            stride = tuple(value.stride())
+        return ("tensor", shape, stride, str(value.dtype).removeprefix("torch."))
     if isinstance(value, (list, tuple)):
-        return tuple(_describe_argument(v) for v in value)
+        return tuple(_describe_argument(v, channels_last) for v in value)
     if isinstance(value, (bool, int, float, str)) or value is None:
         return value
     return repr(value)
@@ -432,13 +453,17 @@ def _describe_argument(value: Any) -> Any:
 def conv_call_key(func, args, kwargs=None) -> tuple | None:
     """A hashable, ``repr``-able description of an aten convolution call: the op, then each
     argument (tensors as ``("tensor", shape, stride, dtype)``, lists as tuples). The same call
-    on meta and on CPU tensors gets the same key. ``None`` for any other op."""
+    on meta and on CPU tensors gets the same key (dense tensors get canonical strides, in the
+    layout the CPU convolution runs in). ``None`` for any other op."""
     name = str(func)
     if name not in _CONV_OPS:
         return None
-    described = tuple(_describe_argument(a) for a in args)
+    x, w = (args[0], args[1]) if name == "aten.convolution.default" else (args[1], args[2])
+    channels_last = _channels_last(x, w)
+    described = tuple(_describe_argument(a, channels_last) for a in args)
     if kwargs:
-        described += (("kwargs",) + tuple(sorted((k, _describe_argument(v)) for k, v in kwargs.items())),)
+        described += (("kwargs",) + tuple(sorted((k, _describe_argument(v, channels_last))
+                                                 for k, v in kwargs.items())),)
     return (name,) + described
 
 
