@@ -426,3 +426,22 @@ def test_bf16_checkpointed_blocks_and_adam_train(corpus, tmp_path):
     assert all(math.isfinite(v) for v in summary["losses"].values())
     generator, _, info = load_generator(tmp_path / "run")
     assert generator.checkpoint_residual_blocks and info["config"]["optimizer"] == "adam"
+
+
+def test_progress_in_a_pipe_is_plain_lines(corpus, tmp_path, capsys):
+    """stderr under pytest's capture is not a terminal, as in a CI log or a file: the trainer
+    prints plain step lines (the first and the last step at least), never the bar's carriage
+    returns, and an evaluation line comes after the line of its step."""
+    config = _config(steps=3, checkpoint_every=100, eval_every=2)
+    train(config, corpus, tmp_path / "run", progress=True, progress_interval_s=3600)
+    err = capsys.readouterr().err
+    assert "\r" not in err
+    lines = [line for line in err.splitlines() if line.startswith(("train: step", "step "))]
+
+    def head(line: str) -> str:
+        return line.split(",")[0] if line.startswith("train:") else line.split(":")[0]
+
+    # step 2 is printed (interval not reached) because its evaluation line follows it
+    assert [head(line) for line in lines] == ["train: step 1/3", "train: step 2/3", "step 2 eval",
+                                              "train: step 3/3", "step 3 eval"]
+    assert "d_loss" in lines[0] and "samples/s" in lines[0]

@@ -1,4 +1,5 @@
-"""Training logs: CSV files that survive resumes, TensorBoard scalars, spectrogram PNGs."""
+"""Training logs: CSV files that survive resumes, TensorBoard scalars, spectrogram PNGs, and
+the progress report on stderr (a bar on a terminal, plain lines in pipes and files)."""
 
 from __future__ import annotations
 
@@ -6,15 +7,19 @@ import csv
 import io
 import math
 import os
+import sys
+import time
 import warnings
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, TextIO
 
 import torch
 
 from vcfast.train.checkpoint import write_atomically
 
-__all__ = ["CsvLog", "ScalarWriter", "save_spectrogram_png"]
+__all__ = ["CsvLog", "DEFAULT_PROGRESS_INTERVAL_S", "ProgressReporter", "ScalarWriter",
+           "progress_interval", "save_spectrogram_png"]
 
 
 def _format(value: Any) -> str:
@@ -119,6 +124,153 @@ class ScalarWriter:
         if self._writer is not None:
             self._writer.close()
             self._writer = None
+
+
+#: Seconds between plain progress lines when stderr is not a terminal; the environment
+#: variable VCFAST_PROGRESS_INTERVAL_S overrides it (e.g. for a CI job), an explicit
+#: ``interval_s`` overrides both.
+DEFAULT_PROGRESS_INTERVAL_S = 30.0
+
+
+def _is_terminal(stream: TextIO) -> bool:
+    try:
+        return bool(stream.isatty())
+    except (AttributeError, ValueError, OSError):  # no isatty, or a closed stream
+        return False
+
+
+def _notebook_widget() -> bool:
+    """True inside a Jupyter kernel, where tqdm draws a widget (no carriage returns)."""
+    from tqdm import autonotebook
+
+    return autonotebook.tqdm.__module__ == "tqdm.notebook"
+
+
+def progress_interval(interval_s: float | None = None) -> float:
+    """Seconds between plain progress lines: ``interval_s`` if given, else the environment
+    variable VCFAST_PROGRESS_INTERVAL_S, else :data:`DEFAULT_PROGRESS_INTERVAL_S`. Raises
+    ValueError for a negative or non-numeric value."""
+    if interval_s is not None:
+        seconds, source = interval_s, "interval_s"
+    else:
+        value = os.environ.get("VCFAST_PROGRESS_INTERVAL_S")
+        if not value:
+            return DEFAULT_PROGRESS_INTERVAL_S
+        try:
+            seconds, source = float(value), "VCFAST_PROGRESS_INTERVAL_S"
+        except ValueError:
+            raise ValueError(f"VCFAST_PROGRESS_INTERVAL_S must be a number of seconds, got {value!r}") from None
+    if isinstance(seconds, bool) or not isinstance(seconds, (int, float)) or not seconds >= 0:  # NaN too
+        raise ValueError(f"{source} must be a number of seconds >= 0, got {seconds!r}")
+    return float(seconds)
+
+
+def _duration(seconds: float) -> str:
+    seconds = int(seconds)
+    return f"{seconds // 3600}:{seconds % 3600 // 60:02d}:{seconds % 60:02d}"
+
+
+class ProgressReporter:
+    """Progress of a training run: a tqdm bar on a terminal, plain lines anywhere else.
+
+    A progress bar redraws itself with carriage returns; in a CI log or a file (stderr not a
+    terminal) every redraw stays, hundreds of them run together into one unreadable line.
+    There the reporter prints one plain line (step, losses, throughput, elapsed time) for the
+    first step, then for the first step at least ``interval_s`` seconds after the last
+    printed line, and for the last step: at ``total`` right away, else (a run stopped early)
+    when closed. On a terminal (or in a Jupyter notebook, where tqdm draws a widget) it is the
+    usual bar.
+
+    ``stream``: where to write (default ``sys.stderr`` as it is when the reporter is made).
+    ``interval_s``: see :func:`progress_interval`. ``bar``: force (True) or refuse (False) the bar; default: a
+    bar on a terminal only. ``clock``: seconds, monotonic (injectable for tests).
+    ``enabled=False`` reports nothing.
+    """
+
+    def __init__(self, *, total: int | None, initial: int = 0, desc: str = "train",
+                 stream: TextIO | None = None, interval_s: float | None = None,
+                 bar: bool | None = None, enabled: bool = True,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        self.stream = stream if stream is not None else sys.stderr
+        self.total = total
+        self.desc = desc
+        self.enabled = enabled
+        self.interval_s = progress_interval(interval_s) if enabled else math.inf
+        self.clock = clock
+        if bar is None:
+            bar = _is_terminal(self.stream) or (self.stream is sys.stderr and _notebook_widget())
+        self._bar = None
+        if enabled and bar:
+            from tqdm.auto import tqdm
+
+            self._bar = tqdm(total=total, initial=initial, unit="step", dynamic_ncols=True, desc=desc,
+                             file=self.stream)
+        self._start = clock()
+        self._last_line_at: float | None = None
+        self._pending: str | None = None  # the last step's line, if it was not printed
+        self._window_seconds = 0.0  # step time and samples since the last printed line
+        self._window_steps = 0
+        self._window_samples = 0
+
+    @property
+    def uses_bar(self) -> bool:
+        """True when progress shows as a tqdm bar, False for plain lines (or nothing)."""
+        return self._bar is not None
+
+    def update(self, step: int, losses: dict[str, float], seconds: float, samples: int) -> None:
+        """One training step done: ``step`` (its number), its ``losses`` (``d_loss`` and
+        ``g_loss`` are shown), ``seconds`` it took and ``samples`` it used."""
+        if not self.enabled:
+            return
+        if self._bar is not None:
+            self._bar.update(1)
+            self._bar.set_postfix(
+                d=f"{losses['d_loss']:.3f}",
+                g=f"{losses['g_loss']:.3f}",
+                s_per_step=f"{seconds:.2f}",
+                samples_per_s=f"{samples / seconds:.1f}" if seconds > 0 else "-",
+            )
+            return
+        self._window_seconds += seconds
+        self._window_steps += 1
+        self._window_samples += samples
+        now = self.clock()
+        steps = f"step {step}/{self.total}" if self.total is not None else f"step {step}"
+        rate = (f"{self._window_seconds / self._window_steps:.2f} s/step, "
+                f"{self._window_samples / self._window_seconds:.1f} samples/s"
+                if self._window_seconds > 0 else "- s/step")
+        self._pending = (f"{self.desc}: {steps}, d_loss {losses['d_loss']:.4f}, "
+                         f"g_loss {losses['g_loss']:.4f}, {rate}, elapsed {_duration(now - self._start)}")
+        first = self._last_line_at is None
+        last = self.total is not None and step >= self.total
+        if first or last or now - self._last_line_at >= self.interval_s:
+            self._print_pending(now)
+
+    def write(self, message: str) -> None:
+        """A message line (evaluation results, interruption) that does not break the bar. In
+        plain lines the step it is about comes first: an unprinted step line is printed."""
+        if not self.enabled:
+            return
+        if self._bar is not None:
+            self._bar.write(message, file=self.stream)
+            return
+        if self._pending is not None:
+            self._print_pending(self.clock())
+        print(message, file=self.stream, flush=True)
+
+    def close(self) -> None:
+        """Ends the bar, or prints the last step's line if it was not printed (idempotent)."""
+        if self._bar is not None:
+            self._bar.close()
+            self._bar = None
+        elif self._pending is not None:
+            self._print_pending(self.clock())
+
+    def _print_pending(self, now: float) -> None:
+        print(self._pending, file=self.stream, flush=True)
+        self._pending = None
+        self._last_line_at = now
+        self._window_seconds, self._window_steps, self._window_samples = 0.0, 0, 0
 
 
 def save_spectrogram_png(path: str | os.PathLike, panels: list[tuple[str, torch.Tensor]]) -> bool:

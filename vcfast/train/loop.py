@@ -52,7 +52,13 @@ from vcfast.train.checkpoint import (
 )
 from vcfast.train.config import OPTIMIZERS, RESUME_CRITICAL_FIELDS, TrainConfig
 from vcfast.train.evaluate import evaluate, flatten_metrics
-from vcfast.train.logs import CsvLog, ScalarWriter, save_spectrogram_png
+from vcfast.train.logs import (
+    CsvLog,
+    ProgressReporter,
+    ScalarWriter,
+    progress_interval,
+    save_spectrogram_png,
+)
 from vcfast.train.models import build_models, model_spectrogram, spectrogram_overrides
 
 __all__ = ["LOSS_COLUMNS", "resolve_device", "train"]
@@ -455,6 +461,7 @@ def train(
     *,
     resume: bool = False,
     progress: bool = True,
+    progress_interval_s: float | None = None,
 ) -> dict[str, Any]:
     """Train StarGAN-VC on ``corpus`` into the run directory ``out_dir`` (SPEC §5).
 
@@ -463,6 +470,11 @@ def train(
     continues the run in ``out_dir`` from its latest checkpoint, exactly as if it had not
     stopped; it refuses a different model size, optimiser or label space. Ctrl-C and
     ``max_minutes`` stop cleanly with a checkpoint.
+
+    ``progress``: report on stderr, as a bar on a terminal; when stderr is not a terminal (a
+    CI log, a file) as a plain line for the first and the last step and every
+    ``progress_interval_s`` seconds in between (default 30, or the environment variable
+    VCFAST_PROGRESS_INTERVAL_S; see :class:`vcfast.train.logs.ProgressReporter`).
 
     Returns a summary: ``steps`` (G steps done in total), ``steps_this_run``,
     ``seconds_per_step`` (training time per G step, this run), ``samples_per_s``,
@@ -478,6 +490,8 @@ def train(
         raise TypeError(f"train: corpus must be a vcfast.data.Corpus, got {type(corpus).__name__}")
     if not corpus.utterances:
         raise ValueError(f"train: corpus {corpus.root} has no usable utterances")
+    if progress:  # refuse a bad interval (argument or environment) before the run starts
+        progress_interval_s = progress_interval(progress_interval_s)
     run_dir = Path(out_dir)
     if run_dir.exists() and not run_dir.is_dir():
         raise ValueError(f"train: out_dir {str(run_dir)!r} exists and is not a directory")
@@ -571,17 +585,14 @@ def train(
     eval_log = CsvLog(run_dir / "eval.csv", eval_columns, resume_step=resume_step)
     scalars = ScalarWriter(run_dir / "tb", purge_step=step + 1 if resume_from is not None else None)
 
-    from tqdm.auto import tqdm
-
     # A run bounded by wall time (the demo) has no meaningful step total: an open-ended bar
     # beats one that shows "0/1000000, ETA 6000 h".
     time_bounded = config.max_minutes is not None and config.steps >= 100_000
-    bar = tqdm(
+    reporter = ProgressReporter(
         total=None if time_bounded else config.steps,
         initial=step,
-        disable=not progress,
-        unit="step",
-        dynamic_ncols=True,
+        enabled=progress,
+        interval_s=progress_interval_s,
         desc=f"train (<= {config.max_minutes:g} min)" if time_bounded else "train",
     )
     start_time = time.monotonic()
@@ -626,7 +637,7 @@ def train(
         scalars.scalars(flat, step, prefix="eval/")
         done["eval"] = step
         if progress:
-            bar.write(
+            reporter.write(
                 f"step {step} eval: accuracy real {flat['acc_real_mean']:.3f}, converted "
                 f"{flat['acc_converted_mean']:.3f}, reconstruction L1 "
                 f"{flat['reconstruction_l1']:.4f}, Griffin-Lim convergence "
@@ -686,13 +697,7 @@ def train(
                 config.max_minutes is not None
                 and time.monotonic() - start_time > 60 * config.max_minutes
             )
-            bar.update(1)
-            bar.set_postfix(
-                d=f"{losses['d_loss']:.3f}",
-                g=f"{losses['g_loss']:.3f}",
-                s_per_step=f"{seconds:.2f}",
-                samples_per_s=f"{config.batch_size * config.n_critic / seconds:.1f}",
-            )
+            reporter.update(step, losses, seconds, config.batch_size * config.n_critic)
             if step % config.log_every == 0 or step == config.steps or time_up:
                 rate = window_steps / window_seconds
                 row = {
@@ -722,14 +727,14 @@ def train(
         stopped = "interrupted"
         final_position = iteration_start
         if progress:
-            bar.write(f"interrupted at step {step}; saving a checkpoint")
+            reporter.write(f"interrupted at step {step}; saving a checkpoint")
     except BaseException:
         log.close()
         eval_log.close()
         scalars.close()
         raise
     finally:
-        bar.close()
+        reporter.close()
         stream.close()
     try:
         if steps_this_run > 0 or resume_from is None:
