@@ -294,6 +294,8 @@ def _weight_gradient(step: _Step, weight: torch.Tensor, t: torch.Tensor, b: torc
     if sliceable:
         n_slices = min(weight.shape[0],
                        -(-weight.numel() * weight.element_size() // _WEIGHT_GRAD_SLICE_BYTES))
+    if n_slices > 1 and step.kind == _CONV:
+        return _conv_weight_gradient_by_gemm(step, weight, t, b)
     per_sample = b[:1].numel() * b.element_size()
     batch_step = max(1, _BATCH_SLICE_BYTES // max(per_sample, 1))
     if n_slices == 1 and batch_step >= b.shape[0]:  # one piece: no buffer to assemble it in
@@ -307,6 +309,33 @@ def _weight_gradient(step: _Step, weight: torch.Tensor, t: torch.Tensor, b: torc
         t_part, b_part = t[start:start + batch_step], b[start:start + batch_step]
         for lo, hi in rows:
             grad[lo:hi].add_(_weight_grad_rows(step, weight.shape, t_part, b_part, lo, hi))
+    return grad
+
+
+def _conv_weight_gradient_by_gemm(step: _Step, weight: torch.Tensor, t: torch.Tensor,
+                                  b: torch.Tensor) -> torch.Tensor:
+    """A large Conv2d weight gradient accumulated by GEMMs straight into its buffer.
+
+    dW[o, (c, i, j)] = sum over samples n and output positions l of b[n, o, l] * U[n, (c, i, j), l],
+    U = unfold(t): each batch slice is one ``addmm_`` into the [O, C*kh*kw] view of dW. Unlike
+    row slices of a convolution's weight gradient, nothing weight-sized is made besides dW
+    itself: the wide layers are deep ones, whose unfolded inputs are small (paper-size D's
+    2048-channel layer: 1 MiB per sample against a 128 MiB weight).
+    """
+    out_channels = weight.shape[0]
+    grad = torch.zeros_like(weight)
+    grad_matrix = grad.view(out_channels, -1)
+    positions = b.shape[2] * b.shape[3]
+    # U and its transposed copy per sample; half of the batch-slice budget each.
+    per_sample = grad_matrix.shape[1] * positions * weight.element_size() * 2
+    batch_step = max(1, _BATCH_SLICE_BYTES // max(per_sample, 1))
+    for start in range(0, b.shape[0], batch_step):
+        t_part = t[start:start + batch_step].to(weight.dtype)
+        b_part = b[start:start + batch_step].to(weight.dtype)
+        columns = F.unfold(t_part, weight.shape[2:], step.dilation, step.padding, step.stride)
+        columns = columns.transpose(1, 2).reshape(-1, columns.shape[1])  # [n * L, C * kh * kw]
+        rows = b_part.transpose(0, 1).reshape(out_channels, -1)  # [O, n * L]
+        grad_matrix.addmm_(rows, columns)
     return grad
 
 
@@ -416,13 +445,21 @@ class _TangentPass:
             step = self.plan[index]
             b = saved.output_grads[k]
             saved.output_grads[k] = None
-            # The next tangent first, then this weight's gradient: the convolution's
-            # transients (oneDNN reorders a copy of W, 128 MiB for the widest paper-size
-            # layer) then never coexist with the finished gradient of W.
-            next_tangent = None
-            if need_next and k + 1 < len(self.linear_steps):
+            # Of the next tangent and this weight's gradient, the larger is made last. Wide
+            # deep layers: the convolution's transients (oneDNN reorders a copy of W, 128 MiB
+            # for paper-size D's 2048-channel layer) then never coexist with the finished dW.
+            # Early layers, with small weights and large activations: dW first lets b_k go
+            # before the next tangent (which has b_k's size) is made.
+            need_next = need_next and k + 1 < len(self.linear_steps)
+            next_first = weight.numel() * weight.element_size() > b.numel() * b.element_size()
+            next_tangent = weight_grad = None
+            if need_next and next_first:
                 next_tangent = _in_batch_slices(lambda t: _linear(step, t, weight, None), tangent)
-            weight_grad = _weight_gradient(step, weight, tangent, b) if need_weight_grad else None
+            if need_weight_grad:
+                weight_grad = _weight_gradient(step, weight, tangent, b)
+            del b
+            if need_next and not next_first:
+                next_tangent = _in_batch_slices(lambda t: _linear(step, t, weight, None), tangent)
         return next_tangent, weight_grad
 
     def run(self, grad_gp: torch.Tensor, weights: Sequence[torch.Tensor], needs_grad: Sequence[bool]) -> list:
