@@ -42,7 +42,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["run_selftest", "OP_CASES", "TOLERANCES"]
+__all__ = ["OP_CASES", "TOLERANCES", "check_names", "measure_peak", "run_selftest"]
 
 _DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
@@ -640,6 +640,18 @@ def _lean_kernels(device: torch.device) -> str:
 # Measuring
 
 
+@contextlib.contextmanager
+def _strict_fp32():
+    """TF32 off for cuDNN convolutions and cuBLAS matmuls (PyTorch turns it on for cuDNN by
+    default): fp32 rows are then checked, and timed, at fp32 precision, not TF32's 10 bits."""
+    saved = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
+    try:
+        yield
+    finally:
+        torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = saved
+
+
 def _sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -778,10 +790,15 @@ def _release_free_memory() -> None:
         ctypes.CDLL("libc.so.6").malloc_trim(0)
 
 
-def _measure_step(step: Callable[[], None], device: torch.device) -> tuple[float, int]:
-    """(seconds, peak bytes) of ``step()``: CUDA's peak allocated bytes, or on the CPU the rise
-    of the process's high-water mark (ru_maxrss) above the resident size before the step."""
+def measure_peak(step: Callable[[], object], device: torch.device) -> tuple[float, int]:
+    """(seconds, peak bytes) of ``step()``.
+
+    On CUDA the peak is ``torch.cuda.max_memory_allocated`` during the call: every live tensor
+    counts, those that existed before it included. On the CPU it is the rise of the process's
+    high-water mark (ru_maxrss) above the resident size before the call: what the call adds.
+    """
     if device.type == "cuda":
+        torch.cuda.synchronize(device)
         torch.cuda.reset_peak_memory_stats(device)
         start = time.perf_counter()
         step()
@@ -844,7 +861,7 @@ def _model_steps(device: torch.device, quick: bool) -> tuple[list[dict], str]:
             row["estimated_bytes"] = estimate["phases"][phase] - estimate["baseline_bytes"]
             row["measure"] = "process ru_maxrss rise above the resident size before the step"
         try:
-            row["seconds"], row["peak_bytes"] = _measure_step(step, device)
+            row["seconds"], row["peak_bytes"] = measure_peak(step, device)
         except Exception as exc:  # noqa: BLE001 - reported as a failed row
             row.update(ok=False, exception=_short_exception(exc), traceback=traceback.format_exc())
         else:
@@ -891,7 +908,9 @@ def format_table(report: dict) -> str:
         if reason is not None:
             lines.append(f"skipped backend {backend}: {reason}")
     lines.append("error = max |out - float64 reference| / max |reference| over the outputs; "
-                 "ms = forward + backward (best of the repeats); x = speed-up (their ms / ours)")
+                 "ms = forward + backward (best of the repeats); x = speed-up (their ms / ours); "
+                 "fp32 rows with TF32 off; bf16 label_conv and gradient_penalty under bf16 "
+                 "autocast (fp32 weights)")
     header = (f"{'op':29} {'backend':9} {'dtype':5} {'fwd err':>8} {'bwd err':>8} {'tol':>8} "
               f"{'ok':4} {'ms':>8} {'x ref':>7} {'x peer':>7}  peer")
     lines += ["", header, "-" * len(header)]
@@ -912,9 +931,10 @@ def format_table(report: dict) -> str:
         shapes.setdefault(row["op"], row["shape"])
     lines += ["", "shapes: " + "; ".join(f"{op}: {shape}" for op, shape in shapes.items() if shape)]
     models = report["models"]
-    lines += ["", f"model steps: {models['note']}"]
     if models.get("skipped"):
-        lines.append(f"  skipped: {models['skipped']}")
+        lines += ["", f"model steps: skipped, {models['skipped']}"]
+    else:
+        lines += ["", f"model steps: {models['note']}"]
     for row in models["rows"]:
         if row.get("exception"):
             lines.append(f"  {row['step']}: FAIL raised {row['exception']}")
@@ -984,14 +1004,15 @@ def run_selftest(device: str = "auto", quick: bool = False, json_path: str | os.
     report: dict = {"quick": quick, "conditions": conditions(dev), "backends": status,
                     "ops": [], "skipped": [], "models": {"note": "", "rows": []}}
     print(f"vcfast selftest: {dev}, {'quick' if quick else 'full'} sizes ...", file=out, flush=True)
-    for case in OP_CASES:
-        if ops and case.op not in ops:
-            continue
-        for dtype in _DTYPES:
-            setting = Setting(dev, dtype, size)
-            report["ops"] += _run_case(case, setting, status, repeats, report["skipped"])
-            if dev.type == "cuda":
-                torch.cuda.empty_cache()
+    with _strict_fp32():
+        for case in OP_CASES:
+            if ops and case.op not in ops:
+                continue
+            for dtype in _DTYPES:
+                setting = Setting(dev, dtype, size)
+                report["ops"] += _run_case(case, setting, status, repeats, report["skipped"])
+                if dev.type == "cuda":
+                    torch.cuda.empty_cache()
     if not ops or "models" in ops:
         try:
             report["models"]["rows"], report["models"]["note"] = _model_steps(dev, quick)
