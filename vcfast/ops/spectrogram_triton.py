@@ -42,12 +42,17 @@ _PRECISION_CODES = {"ieee": 0, "tf32": 1, "bf16": 2}
 
 # Tile sizes (powers of two >= 16, as tl.dot requires). Ragged edges are masked.
 _BLOCK_M = 64  # frames per tile
-_BLOCK_N = 64  # bins (forward / backward step 1) or frame samples (overlap-add) per tile
+# bins (forward / backward step 1) or frame samples (overlap-add) per tile; at 64 the tiles
+# spill registers to local memory in some precision / arch combinations (vcfast.aot:
+# sm_80 bf16 forward, sm_80 ieee overlap-add, the backward's first GEMM everywhere).
+_BLOCK_N = 32
 _BLOCK_K = 32  # reduction: frame samples (forward) or bins (overlap-add)
 _BLOCK_M_FP64 = 32
 _BLOCK_N_FP64 = 32
 _BLOCK_K_FP64 = 16
-_NUM_WARPS = 4
+# At 4 warps the float32 tiles need more than 255 registers per thread and spill to local
+# memory on sm_80 to sm_90 (every precision; vcfast.aot); 8 warps hold them in 124-209.
+_NUM_WARPS = 8
 
 
 def _kernels_interpreted() -> bool:
@@ -124,7 +129,11 @@ def _params(magnitude_scale, power, log_offset, log_floor, clip_lo, clip_hi,
                         dtype=like.dtype, device=like.device)
 
 
-def _precision_code(precision: str) -> int:
+def _precision_code(precision: str, dtype: torch.dtype) -> int:
+    if dtype == torch.float64:
+        # float64 is always exact and the kernels ignore PRECISION: one code for all three
+        # requests, so one compiled variant instead of three.
+        return _kernels.PRECISION_IEEE
     code = _PRECISION_CODES[precision]
     if code == _kernels.PRECISION_BF16 and _kernels_interpreted():
         # The Triton 3.8 interpreter's tl.dot multiplies the raw bit patterns of bf16
@@ -191,7 +200,7 @@ def _forward_impl(wave: Tensor, window: Tensor, shift: Tensor, scale: Tensor, n_
         wave, basis_cos, basis_sin, shift.contiguous(), scale.contiguous(), params, out,
         m_rows, n_frames, hop, n_fft, n_bins,
         wave.stride(0), wave.stride(1), out.stride(0), out.stride(1), out.stride(2),
-        POWER_MODE=_power_mode(power), PRECISION=_precision_code(precision),
+        POWER_MODE=_power_mode(power), PRECISION=_precision_code(precision, wave.dtype),
         IS_FP64=wave.dtype == torch.float64, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk,
         num_warps=_NUM_WARPS,
     )
@@ -220,7 +229,7 @@ def _backward_impl(grad: Tensor, wave: Tensor, window: Tensor, shift: Tensor, sc
     g_re = wave.new_empty((m_rows, n_bins))
     g_im = wave.new_empty((m_rows, n_bins))
     has_clip = not (clip_lo == -math.inf and clip_hi == math.inf)
-    code = _precision_code(precision)
+    code = _precision_code(precision, wave.dtype)
     is_fp64 = wave.dtype == torch.float64
     bm0, bn0, bk0 = _blocks(wave.dtype)
 
