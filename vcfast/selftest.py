@@ -42,31 +42,51 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["OP_CASES", "TOLERANCES", "check_names", "measure_peak", "run_selftest"]
+__all__ = ["BF16_TOLERANCE_CAP", "OP_CASES", "TOLERANCES", "bf16_tolerance", "check_names",
+           "measure_peak", "run_selftest"]
 
 _DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
 #: Allowed ``max |err| / max |truth|`` per op and dtype. fp32 kernels land at 1e-7 .. 1e-6 and
 #: bf16 ones at a few 1e-3 (one bf16 rounding is 2^-9 = 2e-3); each tolerance leaves about 10x
 #: margin over what the CPU and interpreter kernels reach here, and a wrong kernel is ~1.
-#: The label conv and the gradient penalty in bf16 run under bf16 autocast with fp32 weights,
-#: as training with ``--bf16`` does. The penalty's weight gradients there are 0.18-0.20 off
-#: the float64 truth for the official double backward itself (measured at 64x64 and 128x128
-#: critics; the lean penalty agrees with it to 3e-3): the correlations that form them cancel
-#: to a few percent of their bf16 terms. Its bf16 bound only catches a penalty that is not a
-#: penalty; the lean kernels are checked tightly in bf16 by the leaky_relu_bits and
-#: penalty_terms rows and the lean composition by the fp32 row.
+#: The label conv and the gradient penalty are mostly PyTorch convolutions, for which cuDNN
+#: may pick FFT or Winograd algorithms (errors up to ~1e-4 in fp32), hence 1e-3 there; the
+#: vcfast kernels inside them are held to 1e-5 .. 1e-6 by the label_table, leaky_relu_bits and
+#: penalty_terms rows. In bf16 those two run under bf16 autocast with fp32 weights, as
+#: training with ``--bf16`` does. In bf16 a row's bound also grows to twice the error of
+#: the plain-PyTorch reference in bf16 on the same inputs (see :func:`bf16_tolerance`).
 TOLERANCES: dict[str, dict[str, float]] = {
     "log_spectrogram": {"fp32": 1e-4, "bf16": 2e-2},
     "masked_multigroup_bce": {"fp32": 1e-5, "bf16": 2e-2},
     "masked_multigroup_softmax_ce": {"fp32": 1e-5, "bf16": 2e-2},
     "label_table": {"fp32": 1e-5, "bf16": 2e-2},
-    "label_conv": {"fp32": 1e-4, "bf16": 5e-2},
+    "label_conv": {"fp32": 1e-3, "bf16": 5e-2},
     "norm_relu": {"fp32": 1e-4, "bf16": 2e-2},
     "leaky_relu_bits": {"fp32": 1e-6, "bf16": 2e-2},
     "penalty_terms": {"fp32": 1e-5, "bf16": 2e-2},
-    "gradient_penalty": {"fp32": 1e-3, "bf16": 5e-1},
+    "gradient_penalty": {"fp32": 1e-3, "bf16": 5e-2},
 }
+
+#: No bf16 row passes above this, whatever the reference's own bf16 error.
+BF16_TOLERANCE_CAP = 0.5
+
+
+def bf16_tolerance(base: float, reference_error: float | None) -> float:
+    """The bound of a bf16 row: ``base``, or twice the plain-PyTorch reference's own bf16
+    error where that is larger, at most :data:`BF16_TOLERANCE_CAP`.
+
+    Some reference formulations lose more to bf16 than the fused kernels, which accumulate in
+    fp32: the label-table gradient through autograd's indexing backward sums thousands of
+    positions in bf16 (2.3e-2 at 2x64x128x128, growing with the image), and the official
+    double-backward penalty's weight gradients under autocast are 0.18-0.20 off float64 at
+    64x64 and 128x128 critics (their correlations cancel to a few percent of their bf16
+    terms; the lean penalty agrees with it to 3e-3). A kernel is then held to "no worse than
+    twice what PyTorch itself reaches in bf16"; a wrong one is still ~1.
+    """
+    if reference_error is None or not math.isfinite(reference_error):
+        return base
+    return min(max(base, 2 * reference_error), BF16_TOLERANCE_CAP)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -76,7 +96,8 @@ TOLERANCES: dict[str, dict[str, float]] = {
 def _cpu_model() -> str:
     try:
         with open("/proc/cpuinfo") as f:
-            return next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+            return next(line.split(":", 1)[1].strip() for line in f
+                        if line.startswith("model name"))
     except (OSError, StopIteration):
         return platform.processor() or platform.machine()
 
@@ -193,12 +214,12 @@ Outputs = dict[str, torch.Tensor]
 
 @dataclass
 class OpCase:
-    """One op: inputs, a run per backend, the float64 truth and the peer to time against.
+    """One op: inputs, a run per backend, and the peer to time against.
 
     ``run(backend, inputs)`` runs forward and backward and returns (forward outputs, backward
     outputs); it makes its own leaf tensors, so it can be called again on the same inputs.
-    ``truth(inputs)`` gives the same two dicts in float64; by default the reference backend on
-    the inputs converted to float64.
+    The float64 truth is ``run("reference", ...)`` on the inputs (tensors and modules)
+    converted to float64.
     """
 
     op: str
@@ -207,7 +228,6 @@ class OpCase:
     run: Callable[[str, dict], tuple[Outputs, Outputs]]
     peer_name: str | None = None
     peer: Callable[[dict], object] | None = None
-    truth: Callable[[dict], tuple[Outputs, Outputs]] | None = None
     describe: Callable[[dict], str] = field(default=lambda inputs: "")
     #: The peer is the reference backend itself (official layouts): timed once, not twice.
     peer_is_reference: bool = False
@@ -338,7 +358,7 @@ def _softmax_peer(inputs: dict) -> None:
     (total / known.clamp_min(1)).backward(inputs["grad"])
 
 
-# --- label tables and the label-conditioned conv ---------------------------------------------------
+# --- label tables and the label-conditioned conv -------------------------------------------
 
 _LABEL_TABLE_SIZES = {"quick": (1, 32), "cpu": (2, 128), "gpu": (16, 256)}  # (batch, side)
 _LABEL_CONV_SIZES = {"quick": (1, 16), "cpu": (1, 64), "gpu": (2, 256)}
@@ -386,7 +406,8 @@ def _label_conv_setup(s: Setting) -> dict:
     batch, side = _LABEL_CONV_SIZES[s.size]
     c_dim = LabelSpace().input_dim
     torch.manual_seed(s.seed)
-    conv = nn.Conv2d(1 + c_dim, _STEM["out"], _STEM["kernel"], padding=_STEM["padding"]).to(s.device)
+    conv = nn.Conv2d(1 + c_dim, _STEM["out"], _STEM["kernel"], padding=_STEM["padding"])
+    conv = conv.to(s.device)
     labels = (torch.rand(batch, c_dim, generator=gen) < 0.003).float()
     labels[:, 0] = 1.0  # at least one label set per sample
     # fp32 weights and inputs; "bf16" is bf16 autocast, as training with --bf16 runs the layer.
@@ -417,12 +438,7 @@ def _label_conv_run(backend: str, inputs: dict) -> tuple[Outputs, Outputs]:
                           "grad_bias": conv.bias.grad}
 
 
-def _label_conv_truth(inputs: dict) -> tuple[Outputs, Outputs]:
-    wide = _to_float64(inputs)
-    return _label_conv_run("reference", wide)
-
-
-# --- fused instance norm + ReLU --------------------------------------------------------------------
+# --- fused instance norm + ReLU --------------------------------------------------------------
 
 _NORM_SIZES = {"quick": (2, 64, 16), "cpu": (2, 256, 64), "gpu": (16, 256, 64)}  # (N, C, side)
 _EPS = 1e-5
@@ -431,7 +447,8 @@ _EPS = 1e-5
 def _norm_setup(s: Setting) -> dict:
     gen = s.generator()
     n, c, side = _NORM_SIZES[s.size]
-    inputs = {"z": (s.randn(n, c, side, side, gen=gen, dtype=torch.float32) * 2 + 0.5).to(s.torch_dtype),
+    z = s.randn(n, c, side, side, gen=gen, dtype=torch.float32) * 2 + 0.5
+    inputs = {"z": z.to(s.torch_dtype),
               # Norm parameters stay float32 (the ops' accumulation dtype), as in the models.
               "gamma": 1 + 0.1 * s.randn(c, gen=gen, dtype=torch.float32),
               "beta": 0.1 * s.randn(c, gen=gen, dtype=torch.float32),
@@ -481,7 +498,7 @@ def _norm_peer(inputs: dict) -> None:
     torch.relu(inputs["peer_norm"](z)).backward(inputs["grad"])
 
 
-# --- slope bits and penalty terms (the lean gradient penalty's kernels) -----------------------------
+# --- slope bits and penalty terms (the lean gradient penalty's kernels) ----------------------
 
 _SLOPE = 0.01  # StarGAN D's LeakyReLU
 _BITS_SIZES = {"quick": (2, 64, 32), "cpu": (4, 64, 128), "gpu": (16, 64, 128)}
@@ -529,7 +546,8 @@ def _penalty_setup(s: Setting) -> dict:
     n, side = _PENALTY_SIZES[s.size]
     g = torch.randn(n, 1, side, side, generator=gen)
     # Per-sample norms spread around the target 1, as a critic's input gradients are.
-    g = g / g.flatten(1).norm(dim=1).view(n, 1, 1, 1) * (0.5 + torch.rand(n, 1, 1, 1, generator=gen))
+    norms = g.flatten(1).norm(dim=1).view(n, 1, 1, 1)
+    g = g / norms * (0.5 + torch.rand(n, 1, 1, 1, generator=gen))
     return {"g": g.to(s.device, s.torch_dtype)}
 
 
@@ -614,7 +632,7 @@ OP_CASES: list[OpCase] = [
     OpCase("label_table", ("reference", "cpu", "triton"), _label_table_setup, _label_table_run,
            describe=_describe_shapes("conv_out", "table")),
     OpCase("label_conv", ("reference", "vcfast"), _label_conv_setup, _label_conv_run,
-           "conv on tiled labels", truth=_label_conv_truth, describe=_describe_shapes("x", "c"),
+           "conv on tiled labels", describe=_describe_shapes("x", "c"),
            peer_is_reference=True),
     OpCase("norm_relu", ("reference", "cpu", "triton"), _norm_setup, _norm_run,
            "nn.InstanceNorm2d + ReLU", _norm_peer, describe=_describe_shapes("z")),
@@ -714,8 +732,7 @@ def _run_case(case: OpCase, setting: Setting, status: dict[str, str | None], rep
     tolerance = TOLERANCES[case.op][setting.dtype]
     try:
         inputs = case.setup(setting)
-        truth = case.truth(inputs) if case.truth is not None else \
-            case.run("reference", _to_float64(inputs))
+        truth = case.run("reference", _to_float64(inputs))
     except Exception as exc:  # noqa: BLE001 - a broken reference fails every row of the op
         message = f"float64 reference failed: {_short_exception(exc)}"
         return [_row(case.op, b, setting.dtype, tolerance, exception=message,
@@ -750,6 +767,11 @@ def _run_case(case: OpCase, setting: Setting, status: dict[str, str | None], rep
         if backend == "vcfast":
             row["kernels"] = _lean_kernels(device)
         rows.append(row)
+    if setting.dtype == "bf16":
+        reference_error = next((r["error"] for r in rows if r["backend"] == "reference"), None)
+        for row in rows:
+            row["tolerance"] = bf16_tolerance(tolerance, reference_error)
+            row["ok"] = row["error"] is not None and row["error"] <= row["tolerance"]
     for row in rows:
         row["reference_ms"] = reference_ms
         if case.peer_is_reference:
@@ -767,7 +789,8 @@ def _row(op: str, backend: str, dtype: str, tolerance: float, *, forward_error=N
     ok = exception is None and error is not None and error <= tolerance
     return {"op": op, "backend": backend, "dtype": dtype, "shape": shape,
             "forward_error": forward_error, "backward_error": backward_error, "error": error,
-            "tolerance": tolerance, "ok": ok, "exception": exception, "traceback": detail,
+            "tolerance": tolerance, "base_tolerance": tolerance, "ok": ok,
+            "exception": exception, "traceback": detail,
             "ms": ms, "peer": None, "peer_ms": None}
 
 
@@ -865,7 +888,8 @@ def _model_steps(device: torch.device, quick: bool) -> tuple[list[dict], str]:
         except Exception as exc:  # noqa: BLE001 - reported as a failed row
             row.update(ok=False, exception=_short_exception(exc), traceback=traceback.format_exc())
         else:
-            row["ratio"] = row["peak_bytes"] / row["estimated_bytes"] if row["estimated_bytes"] else None
+            estimated = row["estimated_bytes"]
+            row["ratio"] = row["peak_bytes"] / estimated if estimated else None
             row.update(ok=True, exception=None)
         rows.append(row)
     del iteration
@@ -897,7 +921,8 @@ def _fmt_speedup(value) -> str:
 def format_table(report: dict) -> str:
     c = report["conditions"]
     lines = [
-        f"vcfast selftest on {c['device']} ({c['device_name']}){' --quick' if report['quick'] else ''}",
+        f"vcfast selftest on {c['device']} ({c['device_name']})"
+        f"{' --quick' if report['quick'] else ''}",
         f"vcfast {c['vcfast']}, torch {c['torch']} (CUDA {c['torch_cuda']}), triton "
         f"{c['triton'] or 'not installed'}{' (interpreter)' if c['triton_interpret'] else ''}, "
         f"Python {c['python']}",
@@ -910,19 +935,20 @@ def format_table(report: dict) -> str:
     lines.append("error = max |out - float64 reference| / max |reference| over the outputs; "
                  "ms = forward + backward (best of the repeats); x = speed-up (their ms / ours); "
                  "fp32 rows with TF32 off; bf16 label_conv and gradient_penalty under bf16 "
-                 "autocast (fp32 weights)")
-    header = (f"{'op':29} {'backend':9} {'dtype':5} {'fwd err':>8} {'bwd err':>8} {'tol':>8} "
+                 "autocast (fp32 weights); a bf16 tol is at least twice the reference's own "
+                 "bf16 error")
+    header = (f"{'op':29} {'backend':14} {'dtype':5} {'fwd err':>8} {'bwd err':>8} {'tol':>8} "
               f"{'ok':4} {'ms':>8} {'x ref':>7} {'x peer':>7}  peer")
     lines += ["", header, "-" * len(header)]
     for row in report["ops"]:
         backend = row["backend"] + (f"({row['kernels']})" if row.get("kernels") else "")
         verdict = "ok" if row["ok"] else "FAIL"
         if row["exception"]:
-            lines.append(f"{row['op']:29} {backend:9} {row['dtype']:5} {'':>8} {'':>8} "
+            lines.append(f"{row['op']:29} {backend:14} {row['dtype']:5} {'':>8} {'':>8} "
                          f"{row['tolerance']:>8.0e} {verdict:4} raised {row['exception']}")
             continue
         lines.append(
-            f"{row['op']:29} {backend:9} {row['dtype']:5} {_fmt_error(row['forward_error']):>8} "
+            f"{row['op']:29} {backend:14} {row['dtype']:5} {_fmt_error(row['forward_error']):>8} "
             f"{_fmt_error(row['backward_error']):>8} {row['tolerance']:>8.0e} {verdict:4} "
             f"{_fmt_ms(row['ms']):>8} {_fmt_speedup(row['speedup_vs_reference']):>7} "
             f"{_fmt_speedup(row['speedup_vs_peer']):>7}  {row['peer'] or '-'}")
@@ -940,9 +966,10 @@ def format_table(report: dict) -> str:
             lines.append(f"  {row['step']}: FAIL raised {row['exception']}")
             continue
         ratio = "-" if row["ratio"] is None else f"{row['ratio']:.2f}"
-        lines.append(f"  {row['step']}: {row['seconds']:.2f} s, peak {row['peak_bytes'] / 2**20:.0f} "
+        lines.append(f"  {row['step']}: {row['seconds']:.2f} s, "
+                     f"peak {row['peak_bytes'] / 2**20:.0f} "
                      f"MiB, estimated {row['estimated_bytes'] / 2**20:.0f} MiB "
-                     f"(measured / estimated {ratio}){'; ' + row['note'] if row.get('note') else ''}")
+                     f"(measured / estimated {ratio})")
     if models["rows"]:
         lines.append(f"  peak = {models['rows'][0]['measure']}")
     failed = [r for r in report["ops"] if not r["ok"]] + \
@@ -973,7 +1000,9 @@ def resolve_device(name: str) -> torch.device:
     if name == "cuda" and not torch.cuda.is_available():
         raise ValueError("--device cuda: CUDA is not available here (torch "
                          f"{torch.__version__}, CUDA build {torch.version.cuda}); use --device cpu")
-    return torch.device("cuda", torch.cuda.current_device()) if name == "cuda" else torch.device("cpu")
+    if name == "cuda":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
 
 
 def check_names() -> list[str]:
@@ -981,8 +1010,9 @@ def check_names() -> list[str]:
     return [case.op for case in OP_CASES] + ["models"]
 
 
-def run_selftest(device: str = "auto", quick: bool = False, json_path: str | os.PathLike | None = None,
-                 ops: list[str] | None = None, out=None) -> int:
+def run_selftest(device: str = "auto", quick: bool = False,
+                 json_path: str | os.PathLike | None = None, ops: list[str] | None = None,
+                 out=None) -> int:
     """Runs the checks (all, or those named in ``ops``, see :func:`check_names`), prints the
     table (to ``out``, default stdout) and writes the JSON report to ``json_path`` if given.
 
