@@ -8,6 +8,7 @@
 #   --budget S      wall seconds for the whole run (default 510: done within 9 minutes)
 #   --dry-run       the same plumbing on a CPU: no install or build (their commands are printed),
 #                   each step in a tiny CPU form or printed; logs and summary as usual
+#   PYTHON=...      the interpreter to use (default: python on PATH)
 #
 # Steps, most valuable first, each timed and logged to OUT/NN_<step>.log as it runs, the
 # summary (OUT/summary.md, a markdown table) rewritten after every step so a cut-off run
@@ -19,15 +20,16 @@
 #                       fp32 and bf16 (scripts/gpu_memory_check.py; target within 10 %)
 #   layouts_batch16     one paper-size iteration at batch 16, official layout vs vcfast
 #   train_50_steps      50 paper-size `vcfast train` steps, bf16, bundled corpus: s/step, memory
-#   test_suite          the whole test suite with compiled Triton (TRITON_INTERPRET unset
-#                       for every step)
-#   bench               pytest bench --benchmark-json
+#   bench               pytest bench -k gpu --benchmark-json (the GPU benchmarks)
+#   test_suite          the whole test suite with compiled Triton (TRITON_INTERPRET is unset for
+#                       every step), the Triton test modules first; last because ~1800 mostly
+#                       CPU tests in one process rarely finish inside the budget
 # Every step has its own timeout, capped by what is left of the budget; a failing or timed-out
 # step is recorded and the run goes on. Exit status: 0 when no step failed, 1 otherwise.
 
 set -u -o pipefail
 
-usage() { sed -n '2,11p' "$0" | sed 's/^# \{0,1\}//'; }
+usage() { sed -n '2,12p' "$0" | sed 's/^# \{0,1\}//'; }
 
 WHEELS=""
 OUT=""
@@ -159,7 +161,9 @@ run_step() {
     *) status="FAIL" ;;
   esac
   result="$("$extractor" "$log" 2>/dev/null | tail -n 1)"
-  record "$name" "$status" "$rc" "$seconds" "${result:-see log}" "$log"
+  # No result line (a crash, a timeout): the log's last line says where it stopped.
+  [ -n "$result" ] || result="last line: $(grep -v '^[[:space:]]*$' "$log" | tail -n 1 | cut -c1-200)"
+  record "$name" "$status" "$rc" "$seconds" "$result" "$log"
   [ "$rc" = 0 ] || FAILED=$((FAILED + 1))
   return 0
 }
@@ -188,7 +192,9 @@ train_line() {  # s/step over the run and over its last logged steps, and peak m
 import csv, json, sys
 text = open(sys.argv[1]).read()
 start = text.rfind("\n{")
-summary = json.loads(text[start:]) if start >= 0 else {}
+if start < 0:  # no run summary: the run failed, run_step shows the log's last line instead
+    sys.exit(0)
+summary = json.loads(text[start:])
 steady = ""
 try:
     rows = list(csv.DictReader(open(sys.argv[2])))
@@ -264,10 +270,10 @@ if [ "$DRY_RUN" = 1 ]; then
   print_step train_50_steps "paper size needs a GPU" "$PY" -m vcfast.cli train --out "$OUT/train_run" --size paper \
     --steps 50 --bf16 --device cuda --log-every 10 --sample-every 1000 --checkpoint-every 1000 \
     --eval-every 1000 --no-progress
+  print_step bench "timings need the GPU" "$PY" -m pytest -q -p no:cacheprovider bench -k gpu \
+    --benchmark-json "$OUT/bench.json"
   run_step test_suite 120 last_pytest_line "$PY" -m pytest -q \
     -p no:cacheprovider tests/test_labels.py
-  print_step bench "timings need the GPU" "$PY" -m pytest -q -p no:cacheprovider bench \
-    --benchmark-json "$OUT/bench.json"
 else
   run_step selftest 150 selftest_line "$PY" -m vcfast.cli selftest --device cuda \
     --json "$OUT/selftest.json"
@@ -280,10 +286,13 @@ else
   run_step train_50_steps 150 train_line "$PY" -m vcfast.cli train --out "$OUT/train_run" \
     --size paper --steps 50 --bf16 --device cuda --log-every 10 --sample-every 1000 \
     --checkpoint-every 1000 --eval-every 1000 --no-progress
-  run_step test_suite 300 last_pytest_line "$PY" -m pytest -q \
-    -p no:cacheprovider tests
-  run_step bench 240 last_pytest_line "$PY" -m pytest -q -p no:cacheprovider bench \
+  run_step bench 180 last_pytest_line "$PY" -m pytest -q -p no:cacheprovider bench -k gpu \
     --benchmark-json "$OUT/bench.json"
+  # The modules that exercise compiled Triton kernels first (pytest runs the files in the
+  # order given and collects each once), then the rest of the suite.
+  run_step test_suite 600 last_pytest_line "$PY" -m pytest -q -p no:cacheprovider \
+    tests/test_classification_triton.py tests/test_slope_bits_triton.py \
+    tests/test_spectrogram_triton.py tests/test_label_conv.py tests/test_norm_act.py tests
 fi
 
 verdict="$([ "$FAILED" = 0 ] && echo "all steps passed" || echo "$FAILED step(s) FAILED")"

@@ -9,7 +9,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 SCRIPT = REPO / "scripts" / "gpu_validate.sh"
 STEPS = ["wheels", "build", "selftest", "gpu_tests", "memory_estimator", "layouts_batch16",
-         "train_50_steps", "test_suite", "bench"]
+         "train_50_steps", "bench", "test_suite"]
 
 
 def _run(*args, timeout=300):
