@@ -12,6 +12,7 @@ Two modes, decided once per kernel module:
 from __future__ import annotations
 
 import importlib
+from collections.abc import Sequence
 from types import ModuleType
 
 import torch
@@ -63,3 +64,38 @@ def require_runnable(name: str, t: torch.Tensor, *, kernels: ModuleType | None,
     if t.device.type == "cpu" and not interpreted:
         raise RuntimeError(f"{name}: CPU tensors need TRITON_INTERPRET=1 set before "
                            f"vcfast.kernels.{module} is imported (the Triton interpreter)")
+
+
+# CUDA's launch limits on the grid, the same on every architecture vcfast targets: a kernel
+# launched past them fails with an opaque "invalid configuration argument".
+MAX_GRID_X = 2**31 - 1
+MAX_GRID_YZ = 65535
+# tl.dot needs every operand dimension >= 16 (the MMA instruction shapes).
+MIN_DOT_DIM = 16
+
+
+def check_grid(name: str, grid: Sequence) -> None:
+    """Raises ValueError naming op ``name`` if ``grid`` exceeds CUDA's grid limits.
+
+    Called by every Triton launcher before it launches, so an input too large for a kernel's
+    tiling fails with the shape that caused it, on any device (the interpreter has no limit).
+    Works on SymInts too (a guard under torch.compile).
+    """
+    limits = (MAX_GRID_X, MAX_GRID_YZ, MAX_GRID_YZ)
+    torch._check_value(1 <= len(grid) <= 3,
+                       lambda: f"{name}: a launch grid has 1 to 3 dimensions, got {tuple(grid)}")
+    for axis, (size, limit) in enumerate(zip(grid, limits)):
+        torch._check_value(
+            size <= limit,
+            lambda axis=axis, limit=limit: (
+                f"{name}: the input needs a launch grid of {tuple(grid)} programs, but CUDA "
+                f"allows at most {limit} along {'xyz'[axis]} (x <= {MAX_GRID_X}, y and z <= "
+                f"{MAX_GRID_YZ}); split the input into smaller calls"))
+
+
+def check_dot_tiles(name: str, **tiles: int) -> None:
+    """Raises ValueError naming op ``name`` if a tile feeding ``tl.dot`` is under 16 wide."""
+    for tile, size in tiles.items():
+        torch._check_value(size >= MIN_DOT_DIM,
+                           lambda tile=tile, size=size: f"{name}: tl.dot needs operand tiles >= "
+                                                        f"{MIN_DOT_DIM}, got {tile}={size}")

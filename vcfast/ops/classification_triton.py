@@ -59,7 +59,7 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
-from vcfast.ops._triton import define_op, is_interpreted, load_kernels, triton
+from vcfast.ops._triton import check_grid, define_op, is_interpreted, load_kernels, triton
 
 __all__ = [
     "masked_multigroup_bce_triton",
@@ -288,6 +288,7 @@ def _bce_forward_impl(logits: Tensor, targets: Tensor, groups: list[int],
     if n_rows > 0:
         block = _block(groups)
         has_pw = pos_weight is not None
+        check_grid(_BCE, (n_rows,))
         torch.library.wrap_triton(_kernels._masked_bce_fwd_kernel)[(n_rows,)](
             logits, targets, pos_weight if has_pw else logits,
             _offsets(groups, logits.device, eager), s, k, flags, n_groups,
@@ -318,6 +319,7 @@ def _bce_backward_impl(grad: Tensor, logits: Tensor, targets: Tensor, group_coun
     w = _group_weights(grad, group_counts, n_rows, n_groups, reduction, _out_dtype(logits))
     block = _block(groups)
     has_pw = pos_weight is not None
+    check_grid(name, (n_rows,))
     torch.library.wrap_triton(_kernels._masked_bce_bwd_kernel)[(n_rows,)](
         logits, targets, pos_weight if has_pw else logits, _offsets(groups, logits.device, eager),
         w, grad_logits, n_groups, n_cols, logits.stride(0), logits.stride(1), targets.stride(0),
@@ -336,6 +338,7 @@ def _sce_forward_impl(logits: Tensor, targets: Tensor, groups: list[int],
     s, k, flags = _empty_partials(logits, n_groups)
     if n_rows > 0:
         block = _block(groups)
+        check_grid(_SCE, (n_rows,))
         torch.library.wrap_triton(_kernels._masked_softmax_ce_fwd_kernel)[(n_rows,)](
             logits, targets, _offsets(groups, logits.device, eager), s, k, flags, n_groups,
             logits.stride(0), logits.stride(1), targets.stride(0), targets.stride(1),
@@ -362,6 +365,7 @@ def _sce_backward_impl(grad: Tensor, logits: Tensor, targets: Tensor, group_coun
     eager = _not_tracing(logits, targets)
     w = _group_weights(grad, group_counts, n_rows, n_groups, reduction, _out_dtype(logits))
     block = _block(groups)
+    check_grid(name, (n_rows,))
     torch.library.wrap_triton(_kernels._masked_softmax_ce_bwd_kernel)[(n_rows,)](
         logits, targets, _offsets(groups, logits.device, eager), w, grad_logits, n_groups,
         n_cols, logits.stride(0), logits.stride(1), targets.stride(0), targets.stride(1),
@@ -369,6 +373,59 @@ def _sce_backward_impl(grad: Tensor, logits: Tensor, targets: Tensor, group_coun
         IS_FP64=logits.dtype == torch.float64, BLOCK=block, num_warps=_num_warps(block),
     )
     return grad_logits
+
+
+def aot_launch_configs() -> list[dict]:
+    """The compiled-kernel configurations the launchers above pick (read by vcfast.aot).
+
+    Kept next to the launch code so the two change together; tests/test_aot_kernels.py checks
+    that recorded launches use only configurations listed here. Entries as in
+    ``vcfast.ops.spectrogram_triton.aot_launch_configs``.
+
+    BLOCK: every power of two ``_block`` can return, with its ``_num_warps``. Dtypes: float32
+    logits (float64 for IS_FP64) with int64 targets, the widest of each kind (most registers
+    per element), at every BLOCK; bfloat16 logits with int8 targets (the narrow conversion
+    paths) at the largest BLOCK. USE_LIBDEVICE is False only under the interpreter.
+    """
+    if _kernels is None:
+        return []
+    configs = []
+    blocks = []
+    block = _MIN_BLOCK
+    while block <= _MAX_BLOCK:
+        blocks.append(block)
+        block *= 2
+    dtype_sets = ((torch.float32, torch.int64, blocks), (torch.float64, torch.int64, blocks),
+                  (torch.bfloat16, torch.int8, blocks[-1:]))
+    for logits, targets, dtype_blocks in dtype_sets:
+        is_fp64 = logits == torch.float64
+        out = torch.float64 if is_fp64 else torch.float32
+        for block in dtype_blocks:
+            common = {"num_warps": _num_warps(block), "largest": block == blocks[-1]}
+            for has_pw in (True, False):
+                configs.append({
+                    "kernel": "_masked_bce_fwd_kernel", **common,
+                    "constexprs": {"HAS_PW": has_pw, "IS_FP64": is_fp64, "USE_LIBDEVICE": True,
+                                   "BLOCK": block},
+                    "args": {"x_ptr": logits, "t_ptr": targets, "pw_ptr": logits,
+                             "off_ptr": torch.int64, "s_ptr": out, "k_ptr": torch.int32,
+                             "flag_ptr": torch.int32}})
+                configs.append({
+                    "kernel": "_masked_bce_bwd_kernel", **common,
+                    "constexprs": {"HAS_PW": has_pw, "IS_FP64": is_fp64, "BLOCK": block},
+                    "args": {"x_ptr": logits, "t_ptr": targets, "pw_ptr": logits,
+                             "off_ptr": torch.int64, "w_ptr": out, "gx_ptr": logits}})
+            configs.append({
+                "kernel": "_masked_softmax_ce_fwd_kernel", **common,
+                "constexprs": {"IS_FP64": is_fp64, "BLOCK": block},
+                "args": {"x_ptr": logits, "t_ptr": targets, "off_ptr": torch.int64,
+                         "s_ptr": out, "k_ptr": torch.int32, "flag_ptr": torch.int32}})
+            configs.append({
+                "kernel": "_masked_softmax_ce_bwd_kernel", **common,
+                "constexprs": {"IS_FP64": is_fp64, "BLOCK": block},
+                "args": {"x_ptr": logits, "t_ptr": targets, "off_ptr": torch.int64,
+                         "w_ptr": out, "gx_ptr": logits}})
+    return configs
 
 
 # ---------------------------------------------------------------------------------------------

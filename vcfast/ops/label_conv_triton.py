@@ -22,7 +22,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from vcfast.ops._triton import define_op, is_interpreted, load_kernels, require_runnable, triton
+from vcfast.ops._triton import (check_grid, define_op, is_interpreted, load_kernels,
+                                require_runnable, triton)
 from vcfast.ops.label_conv import _table_grad_backward, _table_grad_setup_context
 
 __all__ = ["label_table_add_triton", "label_table_grad_triton", "TRITON_IMPORT_ERROR", "USES_TRITON_OP"]
@@ -76,6 +77,7 @@ def _label_table_add_impl(conv_out: Tensor, table: Tensor, row_ids: Tensor, col_
     out = torch.empty_like(conv_out)
     if b * o > 0 and h * w > 0:
         grid = (b * o, triton.cdiv(h * w, _BLOCK_ADD))
+        check_grid(_ADD_NAME, grid)
         torch.library.wrap_triton(_kernels._label_table_add_kernel)[grid](
             conv_out, table, row_ids.contiguous(), col_ids.contiguous(), out, h, w, r * s, s,
             IS_FP64=conv_out.dtype == torch.float64, EMULATE_BF16_RNE=_emulate_bf16_rne(out),
@@ -102,6 +104,7 @@ def _label_table_grad_impl(grad: Tensor, row_ids: Tensor, col_ids: Tensor, num_r
     tmp = torch.empty((b * o * h, num_cols), dtype=acc_dtype, device=grad.device)
     block_s = triton.next_power_of_2(num_cols)
     block_r = triton.next_power_of_2(num_rows)
+    check_grid(_GRAD_NAME, (b * o * h,))
     torch.library.wrap_triton(_kernels._label_grad_cols_kernel)[(b * o * h,)](
         grad, col_ids.contiguous(), tmp, w, num_cols,
         IS_FP64=is_fp64, BLOCK_J=min(_BLOCK_J, triton.next_power_of_2(w)), BLOCK_S=block_s,
@@ -111,6 +114,54 @@ def _label_table_grad_impl(grad: Tensor, row_ids: Tensor, col_ids: Tensor, num_r
         IS_FP64=is_fp64, EMULATE_BF16_RNE=_emulate_bf16_rne(out), BLOCK_I=_BLOCK_I,
         BLOCK_R=block_r, BLOCK_S=block_s, num_warps=_NUM_WARPS)
     return out
+
+
+def aot_launch_configs() -> list[dict]:
+    """The compiled-kernel configurations the launchers above pick (read by vcfast.aot).
+
+    Kept next to the launch code so the two change together; tests/test_aot_kernels.py checks
+    that recorded launches use only configurations listed here. Entries as in
+    ``vcfast.ops.spectrogram_triton.aot_launch_configs``.
+
+    The grad kernels size BLOCK_R / BLOCK_S by the table (next power of two of the pattern
+    counts R, S <= the kernel's taps per axis: 7 x 7 for the generator's stem): listed for
+    tables up to 16 x 16 (every BLOCK_S and BLOCK_R = BLOCK_S; BLOCK_J, from the width, at
+    every value with the stem's BLOCK_S = 8). Larger tables are unchecked and need more
+    registers. Dtypes: float32 and float64 everywhere, bfloat16 at the largest blocks.
+    EMULATE_BF16_RNE is True only under the interpreter.
+    """
+    if _kernels is None:
+        return []
+    configs = []
+    table_blocks = (1, 2, 4, 8, 16)
+    j_blocks = [1 << i for i in range(_BLOCK_J.bit_length())]  # 1 .. _BLOCK_J
+    cols_blocks = sorted({(j, 8) for j in j_blocks} | {(_BLOCK_J, s) for s in table_blocks})
+    for dtype in (torch.float32, torch.float64, torch.bfloat16):
+        is_fp64 = dtype == torch.float64
+        acc = torch.float64 if is_fp64 else torch.float32
+        configs.append({
+            "kernel": "_label_table_add_kernel", "num_warps": _NUM_WARPS, "largest": True,
+            "constexprs": {"IS_FP64": is_fp64, "EMULATE_BF16_RNE": False, "BLOCK": _BLOCK_ADD},
+            "args": {"conv_ptr": dtype, "table_ptr": dtype, "row_ptr": torch.int64,
+                     "col_ptr": torch.int64, "out_ptr": dtype}})
+        for block_j, block_s in cols_blocks:
+            largest = (block_j, block_s) == (_BLOCK_J, table_blocks[-1])
+            if dtype == torch.bfloat16 and not largest:
+                continue
+            configs.append({
+                "kernel": "_label_grad_cols_kernel", "num_warps": _NUM_WARPS, "largest": largest,
+                "constexprs": {"IS_FP64": is_fp64, "BLOCK_J": block_j, "BLOCK_S": block_s},
+                "args": {"grad_ptr": dtype, "col_ptr": torch.int64, "tmp_ptr": acc}})
+        for block in table_blocks:
+            largest = block == table_blocks[-1]
+            if dtype == torch.bfloat16 and not largest:
+                continue
+            configs.append({
+                "kernel": "_label_grad_rows_kernel", "num_warps": _NUM_WARPS, "largest": largest,
+                "constexprs": {"IS_FP64": is_fp64, "EMULATE_BF16_RNE": False,
+                               "BLOCK_I": _BLOCK_I, "BLOCK_R": block, "BLOCK_S": block},
+                "args": {"tmp_ptr": acc, "row_ptr": torch.int64, "out_ptr": dtype}})
+    return configs
 
 
 _ADD_NAME = "vcfast::label_table_add_triton"

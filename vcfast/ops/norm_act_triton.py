@@ -30,7 +30,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from vcfast.ops._triton import define_op, is_interpreted, load_kernels, require_runnable, triton
+from vcfast.ops._triton import (check_grid, define_op, is_interpreted, load_kernels,
+                                require_runnable, triton)
 
 __all__ = [
     "norm_relu_forward_triton",
@@ -96,6 +97,7 @@ def _forward_impl(z: Tensor, mean: Tensor, rstd: Tensor, gamma: Tensor, beta: Te
     if z.numel() > 0:
         hw = z.numel() // (n * c)
         grid = (n * c, triton.cdiv(hw, _BLOCK))
+        check_grid(_FWD_NAME, grid)
         torch.library.wrap_triton(_kernels._norm_relu_fwd_kernel)[grid](
             z, mean, rstd, gamma, beta, a, c, hw,
             EMULATE_BF16_RNE=_emulate_bf16_rne(a), BLOCK=_BLOCK, num_warps=_NUM_WARPS,
@@ -115,12 +117,41 @@ def _backward_impl(grad_a: Tensor, z: Tensor, mean: Tensor, rstd: Tensor, gamma:
     sum_gx = torch.zeros((n, c), dtype=acc, device=z.device)
     if z.numel() > 0:
         hw = z.numel() // (n * c)
+        check_grid(_BWD_NAME, (n * c,))
         torch.library.wrap_triton(_kernels._norm_relu_bwd_kernel)[(n * c,)](
             grad_a, z, mean, rstd, gamma, beta, grad_z, sum_g, sum_gx, c, hw,
             BATCH_STATS=batch_stats, EMULATE_BF16_RNE=_emulate_bf16_rne(grad_z), BLOCK=_BLOCK,
             num_warps=_NUM_WARPS,
         )
     return grad_z, sum_gx.sum(0), sum_g.sum(0)
+
+
+def aot_launch_configs() -> list[dict]:
+    """The compiled-kernel configurations the launchers above pick (read by vcfast.aot).
+
+    Kept next to the launch code so the two change together; tests/test_aot_kernels.py checks
+    that recorded launches use only configurations listed here. Entries as in
+    ``vcfast.ops.spectrogram_triton.aot_launch_configs``. Every dtype; EMULATE_BF16_RNE is True
+    only under the interpreter.
+    """
+    if _kernels is None:
+        return []
+    configs = []
+    for dtype in _DTYPES:
+        acc = _acc(dtype)
+        stats = {"mean_ptr": acc, "rstd_ptr": acc, "gamma_ptr": acc, "beta_ptr": acc}
+        configs.append({
+            "kernel": "_norm_relu_fwd_kernel", "num_warps": _NUM_WARPS, "largest": True,
+            "constexprs": {"EMULATE_BF16_RNE": False, "BLOCK": _BLOCK},
+            "args": {"z_ptr": dtype, **stats, "a_ptr": dtype}})
+        for batch_stats in (True, False):
+            configs.append({
+                "kernel": "_norm_relu_bwd_kernel", "num_warps": _NUM_WARPS, "largest": batch_stats,
+                "constexprs": {"BATCH_STATS": batch_stats, "EMULATE_BF16_RNE": False,
+                               "BLOCK": _BLOCK},
+                "args": {"grad_a_ptr": dtype, "z_ptr": dtype, **stats, "grad_z_ptr": dtype,
+                         "sum_g_ptr": acc, "sum_gx_ptr": acc}})
+    return configs
 
 
 _FWD_NAME = "vcfast::norm_relu_forward_triton"

@@ -41,7 +41,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from vcfast.ops._triton import define_op, is_interpreted, load_kernels, require_runnable, triton
+from vcfast.ops._triton import (check_grid, define_op, is_interpreted, load_kernels,
+                                require_runnable, triton)
 
 __all__ = [
     "leaky_relu_with_bits_triton",
@@ -104,11 +105,12 @@ def _emulate_bf16_rne(out: Tensor) -> bool:
     return out.dtype == torch.bfloat16 and _kernels_interpreted()
 
 
-def _launch_elementwise(kernel, args_before_slope, negative_slope: float, like: Tensor,
-                        n: int) -> None:
+def _launch_elementwise(name: str, kernel, args_before_slope, negative_slope: float,
+                        like: Tensor, n: int) -> None:
     n_bytes = (n + 7) // 8
     slope, slope_t = _slope_args(negative_slope, like)
     grid = (triton.cdiv(n_bytes, _BLOCK_BYTES),)
+    check_grid(name, grid)
     torch.library.wrap_triton(kernel)[grid](
         *args_before_slope, slope, slope_t, n, n_bytes,
         IS_FP64=like.dtype == torch.float64, EMULATE_BF16_RNE=_emulate_bf16_rne(like),
@@ -127,7 +129,7 @@ def _leaky_relu_with_bits_impl(z: Tensor, negative_slope: float) -> tuple[Tensor
     out = torch.empty_like(z)
     bits = torch.empty(((n + 7) // 8,), dtype=torch.uint8, device=z.device)
     if n > 0:
-        _launch_elementwise(_kernels._leaky_relu_with_bits_kernel, (z, out, bits),
+        _launch_elementwise(_LRB_NAME, _kernels._leaky_relu_with_bits_kernel, (z, out, bits),
                             negative_slope, z, n)
     return out, bits
 
@@ -151,8 +153,8 @@ def _scale_by_slope_bits_impl(x: Tensor, bits: Tensor, negative_slope: float) ->
     n = x.numel()
     out = torch.empty_like(x)
     if n > 0:
-        _launch_elementwise(_kernels._scale_by_slope_bits_kernel, (x, bits.contiguous(), out),
-                            negative_slope, x, n)
+        _launch_elementwise(_SCALE_NAME, _kernels._scale_by_slope_bits_kernel,
+                            (x, bits.contiguous(), out), negative_slope, x, n)
     return out
 
 
@@ -181,6 +183,7 @@ def _penalty_terms_impl(g: Tensor, target: float, weight: float) -> tuple[Tensor
         chunk = steps * _BLOCK_PENALTY
         n_chunks = triton.cdiv(per_sample, chunk)
         partial = torch.empty((batch, n_chunks), dtype=acc_dtype, device=g.device)
+        check_grid(_PENALTY_NAME, (batch * n_chunks,))
         torch.library.wrap_triton(_kernels._penalty_sumsq_kernel)[(batch * n_chunks,)](
             g, partial, per_sample, chunk, n_chunks,
             IS_FP64=is_fp64, BLOCK=_BLOCK_PENALTY, num_warps=_NUM_WARPS,
@@ -194,12 +197,47 @@ def _penalty_terms_impl(g: Tensor, target: float, weight: float) -> tuple[Tensor
     coeff = (coeff / batch).contiguous()
     if per_sample > 0:
         n_blocks = triton.cdiv(per_sample, _BLOCK_PENALTY)
+        check_grid(_PENALTY_NAME, (batch * n_blocks,))
         torch.library.wrap_triton(_kernels._penalty_scale_kernel)[(batch * n_blocks,)](
             g, coeff, u, per_sample, n_blocks,
             IS_FP64=is_fp64, EMULATE_BF16_RNE=_emulate_bf16_rne(g), BLOCK=_BLOCK_PENALTY,
             num_warps=_NUM_WARPS,
         )
     return gp, u
+
+
+def aot_launch_configs() -> list[dict]:
+    """The compiled-kernel configurations the launchers above pick (read by vcfast.aot).
+
+    Kept next to the launch code so the two change together; tests/test_aot_kernels.py checks
+    that recorded launches use only configurations listed here. Entries as in
+    ``vcfast.ops.spectrogram_triton.aot_launch_configs`` (``float`` marks a float scalar
+    argument). Every dtype; EMULATE_BF16_RNE is True only under the interpreter.
+    """
+    if _kernels is None:
+        return []
+    configs = []
+    for dtype in _DTYPES:
+        is_fp64 = dtype == torch.float64
+        acc = _loss_dtype(dtype)
+        common = {"num_warps": _NUM_WARPS, "largest": True}
+        elementwise = {"IS_FP64": is_fp64, "EMULATE_BF16_RNE": False, "BLOCK": _BLOCK_BYTES}
+        configs.append({"kernel": "_leaky_relu_with_bits_kernel", **common,
+                        "constexprs": elementwise,
+                        "args": {"z_ptr": dtype, "out_ptr": dtype, "bits_ptr": torch.uint8,
+                                 "slope": float, "slope_ptr": dtype}})
+        configs.append({"kernel": "_scale_by_slope_bits_kernel", **common,
+                        "constexprs": elementwise,
+                        "args": {"x_ptr": dtype, "bits_ptr": torch.uint8, "out_ptr": dtype,
+                                 "slope": float, "slope_ptr": dtype}})
+        configs.append({"kernel": "_penalty_sumsq_kernel", **common,
+                        "constexprs": {"IS_FP64": is_fp64, "BLOCK": _BLOCK_PENALTY},
+                        "args": {"g_ptr": dtype, "partial_ptr": acc}})
+        configs.append({"kernel": "_penalty_scale_kernel", **common,
+                        "constexprs": {"IS_FP64": is_fp64, "EMULATE_BF16_RNE": False,
+                                       "BLOCK": _BLOCK_PENALTY},
+                        "args": {"g_ptr": dtype, "coeff_ptr": acc, "u_ptr": dtype}})
+    return configs
 
 
 # ---------------------------------------------------------------------------------------------

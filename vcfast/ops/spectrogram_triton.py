@@ -33,7 +33,8 @@ import torch
 from torch import Tensor
 
 
-from vcfast.ops._triton import define_op, is_interpreted, load_kernels, triton
+from vcfast.ops._triton import (check_dot_tiles, check_grid, define_op, is_interpreted,
+                                load_kernels, triton)
 __all__ = ["log_spectrogram_triton", "TRITON_IMPORT_ERROR", "USES_TRITON_OP"]
 
 _kernels, TRITON_IMPORT_ERROR = load_kernels("spectrogram")
@@ -196,6 +197,8 @@ def _forward_impl(wave: Tensor, window: Tensor, shift: Tensor, scale: Tensor, n_
     bm, bn, bk = _blocks(wave.dtype)
     bm, bn, bk = _fit(bm, m_rows), _fit(bn, n_bins), _fit(bk, n_fft)
     grid = (triton.cdiv(m_rows, bm), triton.cdiv(n_bins, bn))
+    check_dot_tiles(_FWD_NAME, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk)
+    check_grid(_FWD_NAME, grid)
     torch.library.wrap_triton(_kernels._log_spectrogram_fwd_kernel)[grid](
         wave, basis_cos, basis_sin, shift.contiguous(), scale.contiguous(), params, out,
         m_rows, n_frames, hop, n_fft, n_bins,
@@ -235,6 +238,8 @@ def _backward_impl(grad: Tensor, wave: Tensor, window: Tensor, shift: Tensor, sc
 
     bm, bn, bk = _fit(bm0, m_rows), _fit(bn0, n_bins), _fit(bk0, n_fft)
     grid = (triton.cdiv(m_rows, bm), triton.cdiv(n_bins, bn))
+    check_dot_tiles(_BWD_NAME, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk)
+    check_grid(_BWD_NAME, grid)
     torch.library.wrap_triton(_kernels._log_spectrogram_bwd_spec_kernel)[grid](
         wave, basis_cos, basis_sin, shift.contiguous(), scale.contiguous(), params, grad,
         g_re, g_im, m_rows, n_frames, hop, n_fft, n_bins,
@@ -245,6 +250,8 @@ def _backward_impl(grad: Tensor, wave: Tensor, window: Tensor, shift: Tensor, sc
 
     bm, bn, bk = _fit(bm0, m_rows), _fit(bn0, n_fft), _fit(bk0, n_bins)
     grid = (triton.cdiv(m_rows, bm), triton.cdiv(n_fft, bn))
+    check_dot_tiles(_BWD_NAME, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk)
+    check_grid(_BWD_NAME, grid)
     # The overlap-add GEMM reads basis^T: transposed copies make its tiles load contiguously.
     cos_t, sin_t = basis_cos.t().contiguous(), basis_sin.t().contiguous()
     torch.library.wrap_triton(_kernels._log_spectrogram_bwd_overlap_add_kernel)[grid](
@@ -253,6 +260,60 @@ def _backward_impl(grad: Tensor, wave: Tensor, window: Tensor, shift: Tensor, sc
         num_warps=_NUM_WARPS,
     )
     return grad_wave
+
+
+def aot_launch_configs() -> list[dict]:
+    """The compiled-kernel configurations the launchers above pick (read by vcfast.aot).
+
+    Kept next to the launch code so the two change together; tests/test_aot_kernels.py checks
+    that recorded launches use only configurations listed here. Each entry: ``kernel`` (name
+    in vcfast.kernels.spectrogram), ``constexprs``, ``num_warps``, ``args`` (pointer argument
+    -> tensor dtype; integer arguments are i32), ``largest`` (the heaviest configuration of
+    the kernel, compiled on every target even when the report is cut short).
+
+    Tiles: each kernel's default tiles per dtype, and the all-16 tiles ``_fit`` gives the
+    smallest problems (tiles in between are picked too and need less than the default ones).
+    PRECISION_BF16_EMULATED exists only under the interpreter, so no GPU compiles it.
+    """
+    if _kernels is None:
+        return []
+    k = _kernels
+    configs = []
+
+    def add(kernel, names, dtype, largest, **constexprs):
+        configs.append({"kernel": kernel, "constexprs": constexprs, "num_warps": _NUM_WARPS,
+                        "args": dict.fromkeys(names, dtype), "largest": largest})
+
+    fwd_ptrs = ("wave_ptr", "cos_ptr", "sin_ptr", "shift_ptr", "scale_ptr", "params_ptr",
+                "out_ptr")
+    spec_ptrs = fwd_ptrs[:-1] + ("grad_ptr", "gre_ptr", "gim_ptr")
+    oa_ptrs = ("gre_ptr", "gim_ptr", "cos_t_ptr", "sin_t_ptr", "grad_wave_ptr")
+    powers = (k.POWER_GENERAL, k.POWER_ONE, k.POWER_TWO)
+    for dtype in (torch.float32, torch.float64):
+        is_fp64 = dtype == torch.float64
+        bm, bn, bk = _blocks(dtype)
+        default = {"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk}
+        smallest = {"BLOCK_M": 16, "BLOCK_N": 16, "BLOCK_K": 16}
+        codes = (k.PRECISION_IEEE,) if is_fp64 else tuple(_PRECISION_CODES.values())
+        for code in codes:
+            flags = {"PRECISION": code, "IS_FP64": is_fp64}
+            for power in powers:
+                heaviest = power == k.POWER_GENERAL
+                add("_log_spectrogram_fwd_kernel", fwd_ptrs, dtype, heaviest,
+                    POWER_MODE=power, **flags, **default)
+                for has_clip in (True, False):
+                    add("_log_spectrogram_bwd_spec_kernel", spec_ptrs, dtype,
+                        heaviest and has_clip, POWER_MODE=power, HAS_CLIP=has_clip, **flags,
+                        **default)
+            add("_log_spectrogram_bwd_overlap_add_kernel", oa_ptrs, dtype, True, **flags,
+                **default)
+            add("_log_spectrogram_fwd_kernel", fwd_ptrs, dtype, False,
+                POWER_MODE=k.POWER_GENERAL, **flags, **smallest)
+            add("_log_spectrogram_bwd_spec_kernel", spec_ptrs, dtype, False,
+                POWER_MODE=k.POWER_GENERAL, HAS_CLIP=True, **flags, **smallest)
+            add("_log_spectrogram_bwd_overlap_add_kernel", oa_ptrs, dtype, False, **flags,
+                **smallest)
+    return configs
 
 
 # ---------------------------------------------------------------------------------------------
