@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import dataclasses
 import ctypes
 import json
 import math
@@ -35,7 +36,6 @@ import sys
 import time
 import traceback
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -172,7 +172,7 @@ def backend_status(device: torch.device) -> dict[str, str | None]:
 # Op cases
 
 
-@dataclass
+@dataclasses.dataclass
 class Setting:
     """What a case's inputs depend on."""
 
@@ -212,7 +212,7 @@ def _autocast(inputs: dict):
 Outputs = dict[str, torch.Tensor]
 
 
-@dataclass
+@dataclasses.dataclass
 class OpCase:
     """One op: inputs, a run per backend, and the peer to time against.
 
@@ -228,7 +228,7 @@ class OpCase:
     run: Callable[[str, dict], tuple[Outputs, Outputs]]
     peer_name: str | None = None
     peer: Callable[[dict], object] | None = None
-    describe: Callable[[dict], str] = field(default=lambda inputs: "")
+    describe: Callable[[dict], str] = dataclasses.field(default=lambda inputs: "")
     #: The peer is the reference backend itself (official layouts): timed once, not twice.
     peer_is_reference: bool = False
 
@@ -525,15 +525,10 @@ def _bits_impls(backend: str):
 
 
 def _bits_run(backend: str, inputs: dict) -> tuple[Outputs, Outputs]:
-    from vcfast.ops.slope_bits import unpack_bits_reference
-
     forward, scale = _bits_impls(backend)
-    z = inputs["z"].contiguous()
-    a, bits = forward(z, _SLOPE)
+    a, bits = forward(inputs["z"].contiguous(), _SLOPE)
     grad_z = scale(inputs["grad"].contiguous(), bits, _SLOPE)
-    # The bits as 0/1 values: one flipped bit is an error of 1, far above any tolerance.
-    positive = unpack_bits_reference(bits, z.numel()).view(z.shape).to(torch.float32)
-    return {"a": a, "positive": positive}, {"grad_z": grad_z}
+    return {"a": a, "bits": bits}, {"grad_z": grad_z}
 
 
 def _bits_peer(inputs: dict) -> None:
@@ -675,27 +670,46 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def _time_ms(fn: Callable[[], object], device: torch.device, repeats: int) -> float:
-    """Best wall milliseconds of ``fn()`` over ``repeats`` calls (the caller warmed it up).
+@dataclasses.dataclass(frozen=True)
+class Repeats:
+    """How often a call is timed: at least ``least`` times, then on until ``most`` calls or
+    ``seconds`` of timing, so quick ops get many tries at a quiet moment and slow ones few."""
+
+    least: int
+    most: int
+    seconds: float
+
+
+_REPEATS = {"quick": Repeats(3, 20, 0.2), "full": Repeats(5, 50, 1.0)}
+
+
+def _time_ms(fn: Callable[[], object], device: torch.device, repeats: Repeats) -> float:
+    """Best wall milliseconds of ``fn()`` (the caller warmed it up).
 
     The best, not the median: on a shared machine other processes only ever add time.
     """
-    best = math.inf
-    for _ in range(repeats):
+    best, spent, calls = math.inf, 0.0, 0
+    while calls < repeats.least or (calls < repeats.most and spent < repeats.seconds):
         _sync(device)
         start = time.perf_counter()
         fn()
         _sync(device)
-        best = min(best, time.perf_counter() - start)
+        took = time.perf_counter() - start
+        best, spent, calls = min(best, took), spent + took, calls + 1
     return best * 1e3
 
 
 def relative_error(got: torch.Tensor | None, truth: torch.Tensor | None) -> float:
-    """``max |got - truth| / max |truth|`` in float64 (inf for a missing or misshapen output)."""
+    """``max |got - truth| / max |truth|`` in float64 (inf for a missing or misshapen output).
+
+    Integer outputs (packed slope bits) must match exactly: 0, or 1 for any difference.
+    """
     if got is None or truth is None:
         return 0.0 if got is None and truth is None else math.inf
     if got.shape != truth.shape:
         return math.inf
+    if not (got.is_floating_point() and truth.is_floating_point()):
+        return 0.0 if torch.equal(got.cpu(), truth.cpu()) else 1.0
     got, truth = got.detach().double(), truth.detach().double().to(got.device)
     if got.numel() == 0:
         return 0.0
@@ -716,7 +730,7 @@ def _short_exception(exc: BaseException) -> str:
     return text.splitlines()[0][:300] if text else type(exc).__name__
 
 
-def _run_case(case: OpCase, setting: Setting, status: dict[str, str | None], repeats: int,
+def _run_case(case: OpCase, setting: Setting, status: dict[str, str | None], repeats: Repeats,
               skipped: list[dict]) -> list[dict]:
     """The rows of one op in one dtype: errors against the truth, then timings."""
     rows: list[dict] = []
@@ -932,11 +946,12 @@ def format_table(report: dict) -> str:
     for backend, reason in report["backends"].items():
         if reason is not None:
             lines.append(f"skipped backend {backend}: {reason}")
+    repeats = report["repeats"]
     lines.append("error = max |out - float64 reference| / max |reference| over the outputs; "
-                 "ms = forward + backward (best of the repeats); x = speed-up (their ms / ours); "
-                 "fp32 rows with TF32 off; bf16 label_conv and gradient_penalty under bf16 "
-                 "autocast (fp32 weights); a bf16 tol is at least twice the reference's own "
-                 "bf16 error")
+                 f"ms = forward + backward, best of {repeats['least']} to {repeats['most']} "
+                 "calls; x = speed-up (their ms / ours); fp32 rows with TF32 off; bf16 "
+                 "label_conv and gradient_penalty under bf16 autocast (fp32 weights); a bf16 "
+                 "tol is at least twice the reference's own bf16 error")
     header = (f"{'op':29} {'backend':14} {'dtype':5} {'fwd err':>8} {'bwd err':>8} {'tol':>8} "
               f"{'ok':4} {'ms':>8} {'x ref':>7} {'x peer':>7}  peer")
     lines += ["", header, "-" * len(header)]
@@ -1029,9 +1044,10 @@ def run_selftest(device: str = "auto", quick: bool = False,
     start = time.perf_counter()
     dev = resolve_device(device)
     size = "quick" if quick else ("gpu" if dev.type == "cuda" else "cpu")
-    repeats = 3 if quick else 10
+    repeats = _REPEATS["quick" if quick else "full"]
     status = backend_status(dev)
     report: dict = {"quick": quick, "conditions": conditions(dev), "backends": status,
+                    "repeats": dataclasses.asdict(repeats),
                     "ops": [], "skipped": [], "models": {"note": "", "rows": []}}
     print(f"vcfast selftest: {dev}, {'quick' if quick else 'full'} sizes ...", file=out, flush=True)
     with _strict_fp32():
