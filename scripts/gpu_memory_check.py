@@ -134,7 +134,8 @@ def check_estimator(args, device: torch.device) -> tuple[list[dict], bool]:
                 phases = "; " + ", ".join(
                     f"{p} {measured['phases'][p] / MIB:.0f} vs {estimate['phases'][p] / MIB:.0f}"
                     for p in ("d_step", "g_step"))
-            print(f"{precision:13} batch {batch:3}: measured {measured['peak_bytes'] / MIB:8.0f} MiB, "
+            print(f"{precision:13} batch {batch:3}: "
+                  f"measured {measured['peak_bytes'] / MIB:8.0f} MiB, "
                   f"estimated {expected / MIB:8.0f} MiB, ratio {ratio:.3f} "
                   f"({'within' if within else 'OUTSIDE'} {args.target:.0%}){phases}; "
                   f"{measured['seconds']:.2f} s", flush=True)
@@ -185,7 +186,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--batches", type=lambda t: _parse_list(t, int), default=[1, 4, 16],
                         help="estimator: batches (default 1,4,16)")
     parser.add_argument("--precisions", type=_parse_list, default=["fp32", "bf16"],
-                        help=f"estimator: precisions, of {', '.join(PRECISIONS)} (default fp32,bf16)")
+                        help=f"estimator: precisions, of {', '.join(PRECISIONS)} "
+                             "(default fp32,bf16)")
     parser.add_argument("--batch", type=int, default=16, help="layouts: batch (default 16)")
     parser.add_argument("--precision", default="fp32", choices=sorted(PRECISIONS),
                         help="layouts: precision (default fp32)")
@@ -196,7 +198,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="label group sizes (default: the paper's 1421,53,2); small groups "
                              "make the tiny CPU dry run quick")
     parser.add_argument("--target", type=float, default=0.10,
-                        help="estimator: largest accepted |measured / estimated - 1| (default 0.10)")
+                        help="estimator: largest accepted |measured / estimated - 1| "
+                             "(default 0.10)")
     parser.add_argument("--no-warmup", dest="warmup", action="store_false",
                         help="measure the first iteration (includes kernel compilation)")
     parser.add_argument("--json", default=None, help="write the rows as JSON here")
@@ -207,12 +210,15 @@ def main(argv: list[str] | None = None) -> int:
     if args.device == "cuda" and not torch.cuda.is_available():
         parser.error("CUDA is not available here; use --device cpu for a CPU run")
     device = torch.device(args.device)
+    on_cuda = device.type == "cuda"
     conditions = {"torch": torch.__version__, "device": str(device),
-                  "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
-                  "image_size": args.image_size, "conv_dim": args.conv_dim, "n_critic": args.n_critic,
+                  "device_name": torch.cuda.get_device_name(device) if on_cuda else "cpu",
+                  "image_size": args.image_size, "conv_dim": args.conv_dim,
+                  "n_critic": args.n_critic,
                   "label_groups": list(_sizes(args)["label_space"].sizes),
-                  "measure": ("torch.cuda.max_memory_allocated" if device.type == "cuda" else
-                              "ru_maxrss rise (vs the estimate above the baseline, oneDNN scratch)")}
+                  "measure": ("torch.cuda.max_memory_allocated" if on_cuda else
+                              "ru_maxrss rise, against the estimate above the baseline with "
+                              "the oneDNN scratch model")}
     start = time.perf_counter()
     if args.mode == "estimator":
         rows, ok = check_estimator(args, device)
