@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import itertools
 import math
-import os
 import re
 import subprocess
 import sys
@@ -50,9 +49,17 @@ ALLOWED_LOCAL_BYTES = {
 }
 
 
+def _extension_has_cuda() -> bool:
+    from vcfast import _extension
+
+    return _extension.EXTENSION_LOADED and _extension.extension_has_cuda()
+
+
 @pytest.fixture(scope="module")
 def report():
-    return aot.kernel_report(aot.TARGETS, include_cuda=True, full_targets=FULL_TARGETS)
+    # A CPU-only build of vcfast._C has no CUDA kernels to check (see the test skipped below).
+    return aot.kernel_report(aot.TARGETS, include_cuda=_extension_has_cuda(),
+                             full_targets=FULL_TARGETS)
 
 
 def _triton_rows(report):
@@ -119,14 +126,13 @@ def test_no_local_memory_spills(report):
 def test_allow_list_is_current(report):
     """An allow-list entry names a kernel that exists (a rename must not silence it)."""
     kernels = {r["kernel"] for r in report}
-    assert set(ALLOWED_LOCAL_BYTES) <= kernels
+    listed = {k for k in ALLOWED_LOCAL_BYTES if _extension_has_cuda() or not k.startswith("_C.")}
+    assert listed <= kernels
 
 
 def test_cuda_extension_ships_every_target(report):
-    from vcfast import _extension
-
-    if not _extension.EXTENSION_LOADED or not _extension.extension_has_cuda():
-        pytest.skip("vcfast._C was built without its CUDA kernels")
+    if not _extension_has_cuda():
+        pytest.skip("vcfast._C was built without its CUDA kernels (or is not built)")
     contents = aot.cuda_binary_contents()
     assert set(aot.TARGETS) <= set(contents["elf"]), contents
     cuda = [r for r in report if r["source"] == "cuda"]
