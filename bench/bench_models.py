@@ -121,9 +121,10 @@ def test_g_step_cpu_time_ratio(capsys, size):
 
 
 #: The estimate with the convolution scratch measured on the machine (calibrate_conv_scratch)
-#: came within 2 % of the real peak on both oneDNN paths (AVX-512 and AVX2-only, reduced and
-#: paper size, see the README); 10 % leaves room for allocator and thread-pool noise while
-#: still failing on a real accounting error (the fixed AVX-512 model misses AVX2 by 17-22 %).
+#: came within 4 % of the real peak on both oneDNN paths (AVX-512 and AVX2-only, reduced and
+#: paper size; vcfast/estimate.py has the figures); 10 % leaves room for allocator and
+#: thread-pool noise while still failing on a real accounting error (the fixed AVX-512 model
+#: misses the reduced size on AVX2 by 15-19 %).
 CALIBRATED_TOLERANCE = 0.10
 
 

@@ -25,16 +25,26 @@ has no meta variant, so on meta the iteration runs under an emulation of it (a
 checks that the two give the same bytes on CPU.
 
 The default figures are what the tensors need (GPU-oriented): no allocator rounding or
-caching, no kernel workspaces. ``workspace="onednn"`` adds the model of the scratch PyTorch's
-CPU (oneDNN) convolutions allocate below the dispatcher (:func:`vcfast.memory.onednn_conv_scratch`);
-that is the figure to compare with a real CPU run.
+caching, no kernel workspaces. For comparing with a real CPU run, ``workspace`` adds the
+scratch PyTorch's CPU convolutions allocate below the dispatcher (oneDNN's blocked-layout
+reorders, im2col buffers), which depends on the CPU's instruction set:
+``workspace=calibrate_conv_scratch(...)`` takes it as measured on this machine (every
+distinct convolution call of the iteration, recorded on meta and replayed once on real
+tensors in a fresh process); ``workspace="onednn"`` is the fixed model
+:func:`vcfast.memory.onednn_conv_scratch`, fitted on one AVX-512 CPU.
 
-Validated (bench/bench_models.py, torch 2.14.1 CPU, paper size, fp32, 5 D steps + 1 G step,
-memory the iteration adds above weights + gradients + optimizer state + batch): estimate vs
-real peak RSS, reference 2300 vs 2302 MiB (batch 1) and 4583 vs 4587 MiB (batch 2); vcfast
-734 vs 735 MiB and 940 vs 880 MiB (+6.8 %: on meta the norm-act unit runs its unfused
-PyTorch formulation, on CPU the fused C++ kernel; the tracker on real CPU tensors reads the
-same 780 MiB of tensors as meta does once meta takes the fused op's fake).
+Checked exactly, on any CPU (tests/test_estimate_validation.py): the tracker on real CPU
+tensors reads the same baseline, peak and phase peaks as on meta, byte for byte (fp32), the
+custom ops' fakes return what their CPU kernels return, and the meta iteration makes the CPU
+iteration's convolution calls. Compared with real peak RSS (bench/bench_models.py,
+test_memory_estimate_vs_real; torch 2.14.1 CPU, AMD EPYC with AVX-512, 2 threads, 5 D steps
++ 1 G step, memory the iteration adds above weights + gradients + optimizer state + batch),
+with the calibrated scratch: reduced size (64x64, conv_dim 16, 16 classes, batch 2)
+reference +2.4 % and vcfast +2.0 % on the AVX-512 path, +2.3 % and +0.5 % on the AVX2 path
+(ATEN_CPU_CAPABILITY=avx2 DNNL_MAX_CPU_ISA=AVX2); paper size, vcfast, batch 1: 735 vs 735
+MiB (AVX-512) and 734 vs 734 MiB (AVX2). The fixed AVX-512 model matches at paper size on
+both paths (-0.2 %, -0.0 %) and at the reduced size on AVX-512 (+2.9 %, +2.1 %), but misses
+the reduced size on AVX2 (-15.4 %, -18.8 %): small convolutions take other oneDNN kernels.
 """
 
 from __future__ import annotations
@@ -447,13 +457,14 @@ def measure_iteration(batch: int, *, implementation: str = "vcfast", image_size:
                       warmup: bool = True, threads: int = 2) -> dict:
     """Real peak memory of one iteration on CPU (fp32), in a fresh process.
 
-    Method (:func:`vcfast.memory.measure_process_peak`, no warm-up call): glibc returns freed
-    memory at once (``MALLOC_MMAP_THRESHOLD_=MALLOC_TRIM_THRESHOLD_=65536``); models,
-    optimizer state (one zero-gradient step) and the batch are built, then the baseline is the
-    resident size (lifted by a ballast to the high-water mark so ru_maxrss moves with the
-    iteration's first byte); the peak is ru_maxrss after the iteration. Returns
-    ``{"peak_allocated_bytes"}`` (peak - baseline: what the iteration adds, compare with
-    :func:`estimate_iteration`'s ``peak_allocated_bytes`` with ``workspace="onednn"``),
+    Method (:func:`vcfast.memory.measure_process_peak`): glibc returns freed memory at once
+    (``MALLOC_MMAP_THRESHOLD_=MALLOC_TRIM_THRESHOLD_=65536``); models, optimizer state (one
+    zero-gradient step) and the batch are built, one warm-up iteration runs (``warmup=False``:
+    none), then the baseline is the resident size (lifted by a ballast to the high-water mark
+    so ru_maxrss moves with the iteration's first byte); the peak is ru_maxrss after the
+    iteration. Returns ``{"peak_allocated_bytes"}`` (peak - baseline: what the iteration adds,
+    compare with :func:`estimate_iteration`'s ``peak_allocated_bytes`` with the CPU's
+    convolution scratch, ``workspace=calibrate_conv_scratch(...)``),
     ``"d_steps_allocated_bytes"`` (the same up to the end of the D steps),
     ``"peak_bytes"`` (peak above the process's footprint before any model, i.e. weights +
     state + batch + iteration: compare with the estimate's ``peak_bytes``), ``"process_bytes"``,

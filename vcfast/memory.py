@@ -263,9 +263,10 @@ def onednn_conv_scratch(func, args, kwargs, out) -> int:
     the small convs, so this returns 0. Other ops: 0.
 
     oneDNN picks other kernels, with other scratch, on other CPUs: with AVX2 only
-    (``DNNL_MAX_CPU_ISA=AVX2``, or an AVX2 CPU) a reduced StarGAN iteration's real peak is
-    17-22 % above this model's estimate. For figures that hold on any CPU, measure the calls on
-    the machine: :class:`MeasuredConvScratch` / ``vcfast.estimate.calibrate_conv_scratch``.
+    (``DNNL_MAX_CPU_ISA=AVX2``, or an AVX2 CPU) a reduced StarGAN iteration's real peak (64x64,
+    conv_dim 16) is 15-22 % above this model's estimate, while the paper-size one still
+    matches. For figures that hold on any CPU, measure the calls on the machine:
+    :class:`MeasuredConvScratch` / ``vcfast.estimate.calibrate_conv_scratch``.
     """
     name = getattr(func, "__name__", "")
     if not name.startswith(("convolution.", "convolution_backward.")) or func.namespace != "aten":
@@ -411,9 +412,10 @@ def measure_process_peak(setup_code: str, threads: int = 2, warmup: bool = True)
 #
 # The scratch a CPU convolution allocates below the dispatcher depends on the kernels oneDNN
 # picks for the CPU it runs on (AVX-512 and AVX2 builds reorder into different blocked
-# layouts), so a fixed model fitted on one CPU is off on another: onednn_conv_scratch, fitted
-# on an AVX-512 CPU, reads 17-22 % low on an AVX2-only one. Measuring the very convolution
-# calls a workload makes, on the machine at hand, removes the guess.
+# layouts), so a fixed model fitted on one CPU can be off on another: onednn_conv_scratch,
+# fitted on an AVX-512 CPU, reads a reduced StarGAN iteration (small convolutions) 15-22 % low
+# on an AVX2-only one. Measuring the very convolution calls a workload makes, on the machine
+# at hand, removes the guess.
 
 _CONV_OPS = frozenset({"aten.convolution.default", "aten.convolution_backward.default"})
 
