@@ -126,6 +126,9 @@ def conditions(device: torch.device) -> dict:
         "cpu_cores": os.cpu_count(),
         "cpu_capability": torch.backends.cpu.get_cpu_capability(),
         "threads": torch.get_num_threads(),
+        # Other processes' load skews the timings (not the errors): a load above the core
+        # count means the threads of these ops wait for cores.
+        "load_average_1min": round(os.getloadavg()[0], 2) if hasattr(os, "getloadavg") else None,
         "extension": vcfast.build_info(),
     }
     if device.type == "cuda":
@@ -941,7 +944,7 @@ def format_table(report: dict) -> str:
         f"{c['triton'] or 'not installed'}{' (interpreter)' if c['triton_interpret'] else ''}, "
         f"Python {c['python']}",
         f"CPU {c['cpu_model']} ({c['cpu_cores']} cores), ISA {c['cpu_capability']}, "
-        f"torch threads {c['threads']}",
+        f"torch threads {c['threads']}, load average {c['load_average_1min']}",
     ]
     for backend, reason in report["backends"].items():
         if reason is not None:
