@@ -28,7 +28,7 @@ def cpu_model() -> str:
         return platform.processor() or platform.machine()
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def onednn_isa() -> str:
     """The instruction set oneDNN's CPU kernels use here, as oneDNN itself reports it (one
     convolution in a fresh process with ONEDNN_VERBOSE=1; DNNL_MAX_CPU_ISA caps it)."""

@@ -211,7 +211,8 @@ def _check_options(batch, implementation, dtype, autocast, workspace=None, n_cri
     if autocast is not None and dtype != "fp32":
         raise ValueError(f"autocast={autocast!r} keeps fp32 weights: dtype must be 'fp32', got {dtype!r}")
     if not callable(workspace) and workspace not in _WORKSPACES:
-        raise ValueError(f"workspace must be None, 'onednn' or a scratch model (callable), got {workspace!r}")
+        raise ValueError("workspace must be None, 'onednn' or a scratch model (callable), "
+                         f"got {workspace!r}")
     if isinstance(n_critic, bool) or not isinstance(n_critic, int) or n_critic < 0:
         raise ValueError(f"n_critic must be an int >= 0, got {n_critic!r}")
 
@@ -364,7 +365,8 @@ def estimate_iteration(batch: int = 16, *, implementation: str = "vcfast", dtype
         "implementation": implementation, "batch": batch, "dtype": dtype, "image_size": image_size,
         "conv_dim": conv_dim, "n_critic": n_critic, "autocast": autocast,
         "checkpoint_residual_blocks": bool(checkpoint_residual_blocks),
-        "workspace": workspace if workspace is None or isinstance(workspace, str) else type(workspace).__name__,
+        "workspace": (workspace if workspace is None or isinstance(workspace, str)
+                      else type(workspace).__name__),
         "peak_bytes": tracker.peak_bytes, "baseline_bytes": baseline,
         "peak_allocated_bytes": tracker.peak_allocated_bytes,
         "phases": dict(tracker.phase_peaks),
@@ -402,8 +404,9 @@ def iteration_conv_calls(batch: int = 16, **options) -> dict[tuple, int]:
     return recorder.calls
 
 
-def calibrate_conv_scratch(batches: Iterable[int] = (16,), implementations: Iterable[str] = _IMPLEMENTATIONS,
-                           *, threads: int = 2, **options) -> MeasuredConvScratch:
+def calibrate_conv_scratch(batches: Iterable[int] = (16,),
+                           implementations: Iterable[str] = _IMPLEMENTATIONS, *, threads: int = 2,
+                           **options) -> MeasuredConvScratch:
     """The scratch of every convolution call the iterations make, measured on this CPU.
 
     The iterations (each batch x implementation, the other ``options`` as for

@@ -49,9 +49,9 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
-__all__ = ["ConvCallRecorder", "LiveBytesTracker", "MeasuredConvScratch", "conv_call_key", "estimate",
-           "measure_conv_scratch", "measure_process_peak", "onednn_conv_scratch", "peak_memory",
-           "tensor_bytes"]
+__all__ = ["ConvCallRecorder", "LiveBytesTracker", "MeasuredConvScratch", "conv_call_key",
+           "estimate", "measure_conv_scratch", "measure_process_peak", "onednn_conv_scratch",
+           "peak_memory", "tensor_bytes"]
 
 
 def _storage(t: torch.Tensor):
@@ -437,8 +437,9 @@ def _describe_argument(value: Any, channels_last: bool) -> Any:
         # return channels-last, and a CPU convolution runs channels-last (converting what is
         # not) when its input or weight is, so then every dense 4-D tensor is channels-last.
         shape = tuple(value.shape)
-        if channels_last and value.dim() == 4 and (value.is_contiguous()
-                                                   or value.is_contiguous(memory_format=torch.channels_last)):
+        dense_4d = value.dim() == 4 and (value.is_contiguous()
+                                         or value.is_contiguous(memory_format=torch.channels_last))
+        if channels_last and dense_4d:
             stride = _dense_strides(shape, channels_last=True)
         elif value.is_contiguous():
             stride = _dense_strides(shape, channels_last=False)
@@ -503,7 +504,7 @@ _MEASURE_CONVS = textwrap.dedent(
     def materialize(spec):
         if isinstance(spec, tuple) and spec[:1] == ("tensor",):
             _, shape, stride, dtype = spec
-            # as many elements as the strides reach (stride 0, e.g. an expanded gradient, shares one)
+            # as many elements as the strides reach (stride 0, an expanded gradient, shares one)
             extent = 1 + sum((n - 1) * s for n, s in zip(shape, stride)) if all(shape) else 0
             return torch.randn(extent, dtype=getattr(torch, dtype)).as_strided(shape, stride)
         if isinstance(spec, tuple):
@@ -591,7 +592,8 @@ class MeasuredConvScratch:
     was not measured falls back to ``fallback`` (default :func:`onednn_conv_scratch`) and is
     counted in ``misses``; other ops cost 0."""
 
-    def __init__(self, measured: dict[tuple, int], fallback: Callable[..., int] | None = onednn_conv_scratch):
+    def __init__(self, measured: dict[tuple, int],
+                 fallback: Callable[..., int] | None = onednn_conv_scratch):
         self.measured = dict(measured)
         self.fallback = fallback
         self.misses = 0

@@ -18,7 +18,7 @@ import torch
 
 from vcfast.train.checkpoint import write_atomically
 
-__all__ = ["CsvLog", "DEFAULT_PROGRESS_INTERVAL_S", "ProgressReporter", "ScalarWriter",
+__all__ = ["DEFAULT_PROGRESS_INTERVAL_S", "CsvLog", "ProgressReporter", "ScalarWriter",
            "progress_interval", "save_spectrogram_png"]
 
 
@@ -159,8 +159,10 @@ def progress_interval(interval_s: float | None = None) -> float:
         try:
             seconds, source = float(value), "VCFAST_PROGRESS_INTERVAL_S"
         except ValueError:
-            raise ValueError(f"VCFAST_PROGRESS_INTERVAL_S must be a number of seconds, got {value!r}") from None
-    if isinstance(seconds, bool) or not isinstance(seconds, (int, float)) or not seconds >= 0:  # NaN too
+            raise ValueError("VCFAST_PROGRESS_INTERVAL_S must be a number of seconds, "
+                             f"got {value!r}") from None
+    # (not seconds >= 0 also refuses NaN)
+    if isinstance(seconds, bool) or not isinstance(seconds, (int, float)) or not seconds >= 0:
         raise ValueError(f"{source} must be a number of seconds >= 0, got {seconds!r}")
     return float(seconds)
 
@@ -182,9 +184,9 @@ class ProgressReporter:
     usual bar.
 
     ``stream``: where to write (default ``sys.stderr`` as it is when the reporter is made).
-    ``interval_s``: see :func:`progress_interval`. ``bar``: force (True) or refuse (False) the bar; default: a
-    bar on a terminal only. ``clock``: seconds, monotonic (injectable for tests).
-    ``enabled=False`` reports nothing.
+    ``interval_s``: see :func:`progress_interval`. ``bar``: force (True) or refuse (False) the
+    bar; default: a bar on a terminal only. ``clock``: seconds, monotonic (injectable for
+    tests). ``enabled=False`` reports nothing.
     """
 
     def __init__(self, *, total: int | None, initial: int = 0, desc: str = "train",
@@ -203,8 +205,8 @@ class ProgressReporter:
         if enabled and bar:
             from tqdm.auto import tqdm
 
-            self._bar = tqdm(total=total, initial=initial, unit="step", dynamic_ncols=True, desc=desc,
-                             file=self.stream)
+            self._bar = tqdm(total=total, initial=initial, unit="step", dynamic_ncols=True,
+                             desc=desc, file=self.stream)
         self._start = clock()
         self._last_line_at: float | None = None
         self._pending: str | None = None  # the last step's line, if it was not printed
@@ -240,7 +242,8 @@ class ProgressReporter:
                 f"{self._window_samples / self._window_seconds:.1f} samples/s"
                 if self._window_seconds > 0 else "- s/step")
         self._pending = (f"{self.desc}: {steps}, d_loss {losses['d_loss']:.4f}, "
-                         f"g_loss {losses['g_loss']:.4f}, {rate}, elapsed {_duration(now - self._start)}")
+                         f"g_loss {losses['g_loss']:.4f}, {rate}, "
+                         f"elapsed {_duration(now - self._start)}")
         first = self._last_line_at is None
         last = self.total is not None and step >= self.total
         if first or last or now - self._last_line_at >= self.interval_s:
