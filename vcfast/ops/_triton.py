@@ -11,6 +11,7 @@ Two modes, decided once per kernel module:
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 from collections.abc import Sequence
 from types import ModuleType
@@ -64,6 +65,19 @@ def require_runnable(name: str, t: torch.Tensor, *, kernels: ModuleType | None,
     if t.device.type == "cpu" and not interpreted:
         raise RuntimeError(f"{name}: CPU tensors need TRITON_INTERPRET=1 set before "
                            f"vcfast.kernels.{module} is imported (the Triton interpreter)")
+
+
+def launch_device(t: torch.Tensor):
+    """Context manager every Triton launch runs in: makes ``t``'s CUDA device current.
+
+    A Triton launch goes to the *current* CUDA device (its stream, its compiled module), not
+    to the device of the pointers it is given: tensors on cuda:1 launched while device 0 is
+    current would run on GPU 0 against GPU 1's memory. CPU tensors (the interpreter) and
+    fake tensors of other device types need no guard.
+    """
+    if t.device.type != "cuda":
+        return contextlib.nullcontext()
+    return torch.cuda.device(t.device)
 
 
 # CUDA's launch limits on the grid, the same on every architecture vcfast targets: a kernel

@@ -59,7 +59,8 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
-from vcfast.ops._triton import check_grid, define_op, is_interpreted, load_kernels, triton
+from vcfast.ops._triton import (check_grid, define_op, is_interpreted, launch_device,
+                                load_kernels, triton)
 
 __all__ = [
     "masked_multigroup_bce_triton",
@@ -289,14 +290,15 @@ def _bce_forward_impl(logits: Tensor, targets: Tensor, groups: list[int],
         block = _block(groups)
         has_pw = pos_weight is not None
         check_grid(_BCE, (n_rows,))
-        torch.library.wrap_triton(_kernels._masked_bce_fwd_kernel)[(n_rows,)](
-            logits, targets, pos_weight if has_pw else logits,
-            _offsets(groups, logits.device, eager), s, k, flags, n_groups,
-            logits.stride(0), logits.stride(1), targets.stride(0), targets.stride(1),
-            pos_weight.stride(0) if has_pw else 0,
-            HAS_PW=has_pw, IS_FP64=logits.dtype == torch.float64,
-            USE_LIBDEVICE=not _kernels_interpreted(), BLOCK=block, num_warps=_num_warps(block),
-        )
+        with launch_device(logits):
+            torch.library.wrap_triton(_kernels._masked_bce_fwd_kernel)[(n_rows,)](
+                logits, targets, pos_weight if has_pw else logits,
+                _offsets(groups, logits.device, eager), s, k, flags, n_groups,
+                logits.stride(0), logits.stride(1), targets.stride(0), targets.stride(1),
+                pos_weight.stride(0) if has_pw else 0,
+                HAS_PW=has_pw, IS_FP64=logits.dtype == torch.float64,
+                USE_LIBDEVICE=not _kernels_interpreted(), BLOCK=block, num_warps=_num_warps(block),
+            )
         if eager:
             _raise_on_flags(_BCE, flags, targets, groups, softmax=False)
     else:
@@ -320,13 +322,15 @@ def _bce_backward_impl(grad: Tensor, logits: Tensor, targets: Tensor, group_coun
     block = _block(groups)
     has_pw = pos_weight is not None
     check_grid(name, (n_rows,))
-    torch.library.wrap_triton(_kernels._masked_bce_bwd_kernel)[(n_rows,)](
-        logits, targets, pos_weight if has_pw else logits, _offsets(groups, logits.device, eager),
-        w, grad_logits, n_groups, n_cols, logits.stride(0), logits.stride(1), targets.stride(0),
-        targets.stride(1), pos_weight.stride(0) if has_pw else 0, w.stride(0), w.stride(1),
-        HAS_PW=has_pw, IS_FP64=logits.dtype == torch.float64, BLOCK=block,
-        num_warps=_num_warps(block),
-    )
+    with launch_device(logits):
+        torch.library.wrap_triton(_kernels._masked_bce_bwd_kernel)[(n_rows,)](
+            logits, targets, pos_weight if has_pw else logits,
+            _offsets(groups, logits.device, eager), w, grad_logits, n_groups, n_cols,
+            logits.stride(0), logits.stride(1), targets.stride(0), targets.stride(1),
+            pos_weight.stride(0) if has_pw else 0, w.stride(0), w.stride(1),
+            HAS_PW=has_pw, IS_FP64=logits.dtype == torch.float64, BLOCK=block,
+            num_warps=_num_warps(block),
+        )
     return grad_logits
 
 
@@ -339,11 +343,12 @@ def _sce_forward_impl(logits: Tensor, targets: Tensor, groups: list[int],
     if n_rows > 0:
         block = _block(groups)
         check_grid(_SCE, (n_rows,))
-        torch.library.wrap_triton(_kernels._masked_softmax_ce_fwd_kernel)[(n_rows,)](
-            logits, targets, _offsets(groups, logits.device, eager), s, k, flags, n_groups,
-            logits.stride(0), logits.stride(1), targets.stride(0), targets.stride(1),
-            IS_FP64=logits.dtype == torch.float64, BLOCK=block, num_warps=_num_warps(block),
-        )
+        with launch_device(logits):
+            torch.library.wrap_triton(_kernels._masked_softmax_ce_fwd_kernel)[(n_rows,)](
+                logits, targets, _offsets(groups, logits.device, eager), s, k, flags, n_groups,
+                logits.stride(0), logits.stride(1), targets.stride(0), targets.stride(1),
+                IS_FP64=logits.dtype == torch.float64, BLOCK=block, num_warps=_num_warps(block),
+            )
         if eager:
             _raise_on_flags(_SCE, flags, targets, groups, softmax=True)
     else:
@@ -366,12 +371,13 @@ def _sce_backward_impl(grad: Tensor, logits: Tensor, targets: Tensor, group_coun
     w = _group_weights(grad, group_counts, n_rows, n_groups, reduction, _out_dtype(logits))
     block = _block(groups)
     check_grid(name, (n_rows,))
-    torch.library.wrap_triton(_kernels._masked_softmax_ce_bwd_kernel)[(n_rows,)](
-        logits, targets, _offsets(groups, logits.device, eager), w, grad_logits, n_groups,
-        n_cols, logits.stride(0), logits.stride(1), targets.stride(0), targets.stride(1),
-        w.stride(0), w.stride(1),
-        IS_FP64=logits.dtype == torch.float64, BLOCK=block, num_warps=_num_warps(block),
-    )
+    with launch_device(logits):
+        torch.library.wrap_triton(_kernels._masked_softmax_ce_bwd_kernel)[(n_rows,)](
+            logits, targets, _offsets(groups, logits.device, eager), w, grad_logits, n_groups,
+            n_cols, logits.stride(0), logits.stride(1), targets.stride(0), targets.stride(1),
+            w.stride(0), w.stride(1),
+            IS_FP64=logits.dtype == torch.float64, BLOCK=block, num_warps=_num_warps(block),
+        )
     return grad_logits
 
 

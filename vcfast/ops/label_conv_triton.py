@@ -22,8 +22,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from vcfast.ops._triton import (check_grid, define_op, is_interpreted, load_kernels,
-                                require_runnable, triton)
+from vcfast.ops._triton import (check_grid, define_op, is_interpreted, launch_device,
+                                load_kernels, require_runnable, triton)
 from vcfast.ops.label_conv import _table_grad_backward, _table_grad_setup_context
 
 __all__ = ["label_table_add_triton", "label_table_grad_triton", "TRITON_IMPORT_ERROR", "USES_TRITON_OP"]
@@ -78,10 +78,11 @@ def _label_table_add_impl(conv_out: Tensor, table: Tensor, row_ids: Tensor, col_
     if b * o > 0 and h * w > 0:
         grid = (b * o, triton.cdiv(h * w, _BLOCK_ADD))
         check_grid(_ADD_NAME, grid)
-        torch.library.wrap_triton(_kernels._label_table_add_kernel)[grid](
-            conv_out, table, row_ids.contiguous(), col_ids.contiguous(), out, h, w, r * s, s,
-            IS_FP64=conv_out.dtype == torch.float64, EMULATE_BF16_RNE=_emulate_bf16_rne(out),
-            BLOCK=_BLOCK_ADD, num_warps=_NUM_WARPS)
+        with launch_device(conv_out):
+            torch.library.wrap_triton(_kernels._label_table_add_kernel)[grid](
+                conv_out, table, row_ids.contiguous(), col_ids.contiguous(), out, h, w, r * s, s,
+                IS_FP64=conv_out.dtype == torch.float64,
+                EMULATE_BF16_RNE=_emulate_bf16_rne(out), BLOCK=_BLOCK_ADD, num_warps=_NUM_WARPS)
     return out
 
 
@@ -105,14 +106,16 @@ def _label_table_grad_impl(grad: Tensor, row_ids: Tensor, col_ids: Tensor, num_r
     block_s = triton.next_power_of_2(num_cols)
     block_r = triton.next_power_of_2(num_rows)
     check_grid(_GRAD_NAME, (b * o * h,))
-    torch.library.wrap_triton(_kernels._label_grad_cols_kernel)[(b * o * h,)](
-        grad, col_ids.contiguous(), tmp, w, num_cols,
-        IS_FP64=is_fp64, BLOCK_J=min(_BLOCK_J, triton.next_power_of_2(w)), BLOCK_S=block_s,
-        num_warps=_NUM_WARPS)
-    torch.library.wrap_triton(_kernels._label_grad_rows_kernel)[(b * o,)](
-        tmp, row_ids.contiguous(), out, h, num_rows, num_cols,
-        IS_FP64=is_fp64, EMULATE_BF16_RNE=_emulate_bf16_rne(out), BLOCK_I=_BLOCK_I,
-        BLOCK_R=block_r, BLOCK_S=block_s, num_warps=_NUM_WARPS)
+    with launch_device(grad):
+        torch.library.wrap_triton(_kernels._label_grad_cols_kernel)[(b * o * h,)](
+            grad, col_ids.contiguous(), tmp, w, num_cols,
+            IS_FP64=is_fp64, BLOCK_J=min(_BLOCK_J, triton.next_power_of_2(w)), BLOCK_S=block_s,
+            num_warps=_NUM_WARPS)
+    with launch_device(grad):
+        torch.library.wrap_triton(_kernels._label_grad_rows_kernel)[(b * o,)](
+            tmp, row_ids.contiguous(), out, h, num_rows, num_cols,
+            IS_FP64=is_fp64, EMULATE_BF16_RNE=_emulate_bf16_rne(out), BLOCK_I=_BLOCK_I,
+            BLOCK_R=block_r, BLOCK_S=block_s, num_warps=_NUM_WARPS)
     return out
 
 

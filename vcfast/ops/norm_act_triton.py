@@ -30,8 +30,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from vcfast.ops._triton import (check_grid, define_op, is_interpreted, load_kernels,
-                                require_runnable, triton)
+from vcfast.ops._triton import (check_grid, define_op, is_interpreted, launch_device,
+                                load_kernels, require_runnable, triton)
 
 __all__ = [
     "norm_relu_forward_triton",
@@ -98,10 +98,11 @@ def _forward_impl(z: Tensor, mean: Tensor, rstd: Tensor, gamma: Tensor, beta: Te
         hw = z.numel() // (n * c)
         grid = (n * c, triton.cdiv(hw, _BLOCK))
         check_grid(_FWD_NAME, grid)
-        torch.library.wrap_triton(_kernels._norm_relu_fwd_kernel)[grid](
-            z, mean, rstd, gamma, beta, a, c, hw,
-            EMULATE_BF16_RNE=_emulate_bf16_rne(a), BLOCK=_BLOCK, num_warps=_NUM_WARPS,
-        )
+        with launch_device(z):
+            torch.library.wrap_triton(_kernels._norm_relu_fwd_kernel)[grid](
+                z, mean, rstd, gamma, beta, a, c, hw,
+                EMULATE_BF16_RNE=_emulate_bf16_rne(a), BLOCK=_BLOCK, num_warps=_NUM_WARPS,
+            )
     return a
 
 
@@ -118,11 +119,12 @@ def _backward_impl(grad_a: Tensor, z: Tensor, mean: Tensor, rstd: Tensor, gamma:
     if z.numel() > 0:
         hw = z.numel() // (n * c)
         check_grid(_BWD_NAME, (n * c,))
-        torch.library.wrap_triton(_kernels._norm_relu_bwd_kernel)[(n * c,)](
-            grad_a, z, mean, rstd, gamma, beta, grad_z, sum_g, sum_gx, c, hw,
-            BATCH_STATS=batch_stats, EMULATE_BF16_RNE=_emulate_bf16_rne(grad_z), BLOCK=_BLOCK,
-            num_warps=_NUM_WARPS,
-        )
+        with launch_device(z):
+            torch.library.wrap_triton(_kernels._norm_relu_bwd_kernel)[(n * c,)](
+                grad_a, z, mean, rstd, gamma, beta, grad_z, sum_g, sum_gx, c, hw,
+                BATCH_STATS=batch_stats, EMULATE_BF16_RNE=_emulate_bf16_rne(grad_z), BLOCK=_BLOCK,
+                num_warps=_NUM_WARPS,
+            )
     return grad_z, sum_gx.sum(0), sum_g.sum(0)
 
 

@@ -41,8 +41,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from vcfast.ops._triton import (check_grid, define_op, is_interpreted, load_kernels,
-                                require_runnable, triton)
+from vcfast.ops._triton import (check_grid, define_op, is_interpreted, launch_device,
+                                load_kernels, require_runnable, triton)
 
 __all__ = [
     "leaky_relu_with_bits_triton",
@@ -111,11 +111,12 @@ def _launch_elementwise(name: str, kernel, args_before_slope, negative_slope: fl
     slope, slope_t = _slope_args(negative_slope, like)
     grid = (triton.cdiv(n_bytes, _BLOCK_BYTES),)
     check_grid(name, grid)
-    torch.library.wrap_triton(kernel)[grid](
-        *args_before_slope, slope, slope_t, n, n_bytes,
-        IS_FP64=like.dtype == torch.float64, EMULATE_BF16_RNE=_emulate_bf16_rne(like),
-        BLOCK=_BLOCK_BYTES, num_warps=_NUM_WARPS,
-    )
+    with launch_device(like):
+        torch.library.wrap_triton(kernel)[grid](
+            *args_before_slope, slope, slope_t, n, n_bytes,
+            IS_FP64=like.dtype == torch.float64, EMULATE_BF16_RNE=_emulate_bf16_rne(like),
+            BLOCK=_BLOCK_BYTES, num_warps=_NUM_WARPS,
+        )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -184,10 +185,11 @@ def _penalty_terms_impl(g: Tensor, target: float, weight: float) -> tuple[Tensor
         n_chunks = triton.cdiv(per_sample, chunk)
         partial = torch.empty((batch, n_chunks), dtype=acc_dtype, device=g.device)
         check_grid(_PENALTY_NAME, (batch * n_chunks,))
-        torch.library.wrap_triton(_kernels._penalty_sumsq_kernel)[(batch * n_chunks,)](
-            g, partial, per_sample, chunk, n_chunks,
-            IS_FP64=is_fp64, BLOCK=_BLOCK_PENALTY, num_warps=_NUM_WARPS,
-        )
+        with launch_device(g):
+            torch.library.wrap_triton(_kernels._penalty_sumsq_kernel)[(batch * n_chunks,)](
+                g, partial, per_sample, chunk, n_chunks,
+                IS_FP64=is_fp64, BLOCK=_BLOCK_PENALTY, num_warps=_NUM_WARPS,
+            )
         norms = partial.sum(dim=1).sqrt()
     else:
         norms = torch.zeros((batch,), dtype=acc_dtype, device=g.device)
@@ -198,11 +200,12 @@ def _penalty_terms_impl(g: Tensor, target: float, weight: float) -> tuple[Tensor
     if per_sample > 0:
         n_blocks = triton.cdiv(per_sample, _BLOCK_PENALTY)
         check_grid(_PENALTY_NAME, (batch * n_blocks,))
-        torch.library.wrap_triton(_kernels._penalty_scale_kernel)[(batch * n_blocks,)](
-            g, coeff, u, per_sample, n_blocks,
-            IS_FP64=is_fp64, EMULATE_BF16_RNE=_emulate_bf16_rne(g), BLOCK=_BLOCK_PENALTY,
-            num_warps=_NUM_WARPS,
-        )
+        with launch_device(g):
+            torch.library.wrap_triton(_kernels._penalty_scale_kernel)[(batch * n_blocks,)](
+                g, coeff, u, per_sample, n_blocks,
+                IS_FP64=is_fp64, EMULATE_BF16_RNE=_emulate_bf16_rne(g), BLOCK=_BLOCK_PENALTY,
+                num_warps=_NUM_WARPS,
+            )
     return gp, u
 
 

@@ -34,7 +34,7 @@ from torch import Tensor
 
 
 from vcfast.ops._triton import (check_dot_tiles, check_grid, define_op, is_interpreted,
-                                load_kernels, triton)
+                                launch_device, load_kernels, triton)
 __all__ = ["log_spectrogram_triton", "TRITON_IMPORT_ERROR", "USES_TRITON_OP"]
 
 _kernels, TRITON_IMPORT_ERROR = load_kernels("spectrogram")
@@ -199,14 +199,15 @@ def _forward_impl(wave: Tensor, window: Tensor, shift: Tensor, scale: Tensor, n_
     grid = (triton.cdiv(m_rows, bm), triton.cdiv(n_bins, bn))
     check_dot_tiles(_FWD_NAME, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk)
     check_grid(_FWD_NAME, grid)
-    torch.library.wrap_triton(_kernels._log_spectrogram_fwd_kernel)[grid](
-        wave, basis_cos, basis_sin, shift.contiguous(), scale.contiguous(), params, out,
-        m_rows, n_frames, hop, n_fft, n_bins,
-        wave.stride(0), wave.stride(1), out.stride(0), out.stride(1), out.stride(2),
-        POWER_MODE=_power_mode(power), PRECISION=_precision_code(precision, wave.dtype),
-        IS_FP64=wave.dtype == torch.float64, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk,
-        num_warps=_NUM_WARPS,
-    )
+    with launch_device(wave):
+        torch.library.wrap_triton(_kernels._log_spectrogram_fwd_kernel)[grid](
+            wave, basis_cos, basis_sin, shift.contiguous(), scale.contiguous(), params, out,
+            m_rows, n_frames, hop, n_fft, n_bins,
+            wave.stride(0), wave.stride(1), out.stride(0), out.stride(1), out.stride(2),
+            POWER_MODE=_power_mode(power), PRECISION=_precision_code(precision, wave.dtype),
+            IS_FP64=wave.dtype == torch.float64, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk,
+            num_warps=_NUM_WARPS,
+        )
     return out
 
 
@@ -240,13 +241,14 @@ def _backward_impl(grad: Tensor, wave: Tensor, window: Tensor, shift: Tensor, sc
     grid = (triton.cdiv(m_rows, bm), triton.cdiv(n_bins, bn))
     check_dot_tiles(_BWD_NAME, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk)
     check_grid(_BWD_NAME, grid)
-    torch.library.wrap_triton(_kernels._log_spectrogram_bwd_spec_kernel)[grid](
-        wave, basis_cos, basis_sin, shift.contiguous(), scale.contiguous(), params, grad,
-        g_re, g_im, m_rows, n_frames, hop, n_fft, n_bins,
-        wave.stride(0), wave.stride(1), grad.stride(0), grad.stride(1), grad.stride(2),
-        POWER_MODE=_power_mode(power), HAS_CLIP=has_clip, PRECISION=code, IS_FP64=is_fp64,
-        BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, num_warps=_NUM_WARPS,
-    )
+    with launch_device(wave):
+        torch.library.wrap_triton(_kernels._log_spectrogram_bwd_spec_kernel)[grid](
+            wave, basis_cos, basis_sin, shift.contiguous(), scale.contiguous(), params, grad,
+            g_re, g_im, m_rows, n_frames, hop, n_fft, n_bins,
+            wave.stride(0), wave.stride(1), grad.stride(0), grad.stride(1), grad.stride(2),
+            POWER_MODE=_power_mode(power), HAS_CLIP=has_clip, PRECISION=code, IS_FP64=is_fp64,
+            BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, num_warps=_NUM_WARPS,
+        )
 
     bm, bn, bk = _fit(bm0, m_rows), _fit(bn0, n_fft), _fit(bk0, n_bins)
     grid = (triton.cdiv(m_rows, bm), triton.cdiv(n_fft, bn))
@@ -254,11 +256,12 @@ def _backward_impl(grad: Tensor, wave: Tensor, window: Tensor, shift: Tensor, sc
     check_grid(_BWD_NAME, grid)
     # The overlap-add GEMM reads basis^T: transposed copies make its tiles load contiguously.
     cos_t, sin_t = basis_cos.t().contiguous(), basis_sin.t().contiguous()
-    torch.library.wrap_triton(_kernels._log_spectrogram_bwd_overlap_add_kernel)[grid](
-        g_re, g_im, cos_t, sin_t, grad_wave, m_rows, n_frames, hop, n_fft, n_bins, samples,
-        PRECISION=code, IS_FP64=is_fp64, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk,
-        num_warps=_NUM_WARPS,
-    )
+    with launch_device(wave):
+        torch.library.wrap_triton(_kernels._log_spectrogram_bwd_overlap_add_kernel)[grid](
+            g_re, g_im, cos_t, sin_t, grad_wave, m_rows, n_frames, hop, n_fft, n_bins, samples,
+            PRECISION=code, IS_FP64=is_fp64, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk,
+            num_warps=_NUM_WARPS,
+        )
     return grad_wave
 
 
