@@ -14,6 +14,13 @@ float64 for float64 z); the arithmetic is done in that dtype and rounded once on
   (g - sum_g / HW - xhat * (sum_gx / HW)) with batch statistics (``BATCH_STATS``), or
   (gamma * rstd) * g with running statistics.
 
+Rounding: the launcher compiles both kernels with ``enable_fp_fusion=False``. Triton otherwise
+contracts ``xhat * gamma + beta`` (and ``xhat * mean_gx`` in the backward) into one FMA, rounded
+once instead of twice, so on a GPU y could differ from the reference's by an ulp and flip the
+ReLU mask for elements next to 0 (csrc/include/vcfast/norm_act_math.h keeps the same order).
+NaN: the forward keeps it (relu(NaN) = NaN); the backward's mask ``y > 0`` is false for NaN, so
+its gradient is 0, as in the reference.
+
 bfloat16 under the interpreter: the Triton 3.8 interpreter truncates float32 -> bfloat16 (the
 compiled kernels round to nearest even), so the host sets ``EMULATE_BF16_RNE`` there and
 _to_output rounds with integer arithmetic (same trick as kernels/slope_bits.py).
@@ -44,7 +51,8 @@ def _norm_relu_fwd_kernel(
     z = tl.load(z_ptr + base + offs, mask=mask, other=0.0).to(mean.dtype)
     xhat = (z - mean) * rstd
     y = xhat * gamma + beta
-    a = tl.where(y > 0.0, y, 0.0)
+    # relu that keeps NaN (and -0.0) like torch.relu: `y > 0 ? y : 0` would turn NaN into 0.
+    a = tl.where(y < 0.0, 0.0, y)
     tl.store(a_ptr + base + offs, _to_output(a, a_ptr, EMULATE_BF16_RNE), mask=mask)
 
 

@@ -293,7 +293,7 @@ def recorded_launches(monkeypatch):
                     module = kernel.fn.__module__.rsplit(".", 1)[-1]
                     name = f"{module}.{kernel.fn.__name__}"
                     constexprs = {k: v for k, v in kwargs.items()
-                                  if k not in ("num_warps", "num_stages")}
+                                  if k not in ("num_warps", "num_stages", "enable_fp_fusion")}
                     launches.append((name, _gpu_constexprs(name, constexprs),
                                      kwargs.get("num_warps", 4)))
                     return launcher[grid](*args, **kwargs)

@@ -358,3 +358,43 @@ def test_module_through_triton_ops(monkeypatch):
         torch.testing.assert_close(out_l, out_r, **TOL)
         torch.testing.assert_close(gz_l, gz_r, **TOL)
         _assert_same_state(ref, lean)
+
+
+def _special_inputs(dtype):
+    """Inputs whose pre-activation y holds NaN (z NaN, beta NaN) and -0.0 (z == mean, gamma < 0,
+    beta = -0.0), with statistics given rather than computed, so the rest stays finite."""
+    z, grad_a, mean, rstd, gamma, beta = _inputs((2, 3, 4, 5), dtype)
+    mean = torch.zeros_like(mean)
+    gamma = gamma.clone()
+    beta = beta.clone()
+    z[0, 0, 1, 2] = float("nan")
+    z[1, 1] = 0.0  # == mean: xhat = +0.0, times gamma < 0 is -0.0
+    gamma[1] = -1.5
+    beta[1] = -0.0
+    beta[2] = float("nan")
+    return z, grad_a, mean, rstd, gamma, beta
+
+
+@needs_interpreter
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["float32", "float64"])
+def test_triton_forward_keeps_nan_and_signed_zero_like_torch_relu(dtype):
+    z, _, mean, rstd, gamma, beta = _special_inputs(dtype)
+    got = nat.norm_relu_forward_triton(z, mean, rstd, gamma, beta)
+    ref = ops.norm_relu_forward_reference(z, mean, rstd, gamma, beta)
+    assert got[0, 0, 1, 2].isnan() and got[:, 2].isnan().all()
+    torch.testing.assert_close(got, ref, equal_nan=True, **_tol(dtype))
+    assert torch.equal(got.signbit(), ref.signbit())  # relu(-0.0) is -0.0 in torch
+    assert got[1, 1].signbit().all()
+
+
+@needs_interpreter
+@pytest.mark.parametrize("batch_stats", [True, False], ids=["train", "eval"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["float32", "float64"])
+def test_triton_backward_masks_nan_like_the_reference(dtype, batch_stats):
+    z, grad_a, mean, rstd, gamma, beta = _special_inputs(dtype)
+    got = nat.norm_relu_backward_triton(grad_a, z, mean, rstd, gamma, beta, batch_stats)
+    ref = ops.norm_relu_backward_reference(grad_a, z, mean, rstd, gamma, beta, batch_stats)
+    for g, r in zip(got, ref):
+        torch.testing.assert_close(g, r, equal_nan=True, **_tol(dtype))
+    if not batch_stats:  # y NaN fails y > 0: no gradient flows there, as in the reference
+        assert got[0][:, 2].eq(0).all() and got[0][0, 0, 1, 2] == 0

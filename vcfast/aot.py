@@ -275,8 +275,9 @@ def _compile_job(job: dict, cuobjdump: str) -> list[dict]:
     base = {"source": "triton", "kernel": f"{op}.{cfg['kernel']}", "config": _config_label(cfg),
             "largest": bool(cfg.get("largest")), "threads": cfg["num_warps"] * 32}
     options = {"num_warps": cfg["num_warps"]}
-    if "num_stages" in cfg:
-        options["num_stages"] = cfg["num_stages"]
+    for option in ("num_stages", "enable_fp_fusion"):  # compile options a launcher may pass
+        if option in cfg:
+            options[option] = cfg[option]
     try:
         src = _ast_source(op, cfg)
     except Exception as exc:  # a broken configuration fails every target

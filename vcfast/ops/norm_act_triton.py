@@ -46,6 +46,9 @@ _DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 _HALF = (torch.float16, torch.bfloat16)
 _BLOCK = 1024
 _NUM_WARPS = 4
+# No FMA contraction: the ReLU mask must be computed from y = xhat * gamma + beta rounded twice,
+# as the reference does (see vcfast/kernels/norm_act.py); the interpreter ignores the option.
+_FP_FUSION = False
 
 
 def _kernels_interpreted() -> bool:
@@ -102,6 +105,7 @@ def _forward_impl(z: Tensor, mean: Tensor, rstd: Tensor, gamma: Tensor, beta: Te
             torch.library.wrap_triton(_kernels._norm_relu_fwd_kernel)[grid](
                 z, mean, rstd, gamma, beta, a, c, hw,
                 EMULATE_BF16_RNE=_emulate_bf16_rne(a), BLOCK=_BLOCK, num_warps=_NUM_WARPS,
+                enable_fp_fusion=_FP_FUSION,
             )
     return a
 
@@ -123,7 +127,7 @@ def _backward_impl(grad_a: Tensor, z: Tensor, mean: Tensor, rstd: Tensor, gamma:
             torch.library.wrap_triton(_kernels._norm_relu_bwd_kernel)[(n * c,)](
                 grad_a, z, mean, rstd, gamma, beta, grad_z, sum_g, sum_gx, c, hw,
                 BATCH_STATS=batch_stats, EMULATE_BF16_RNE=_emulate_bf16_rne(grad_z), BLOCK=_BLOCK,
-                num_warps=_NUM_WARPS,
+                num_warps=_NUM_WARPS, enable_fp_fusion=_FP_FUSION,
             )
     return grad_z, sum_gx.sum(0), sum_g.sum(0)
 
@@ -133,8 +137,8 @@ def aot_launch_configs() -> list[dict]:
 
     Kept next to the launch code so the two change together; tests/test_aot_kernels.py checks
     that recorded launches use only configurations listed here. Entries as in
-    ``vcfast.ops.spectrogram_triton.aot_launch_configs``. Every dtype; EMULATE_BF16_RNE is True
-    only under the interpreter.
+    ``vcfast.ops.spectrogram_triton.aot_launch_configs``, plus ``enable_fp_fusion``. Every
+    dtype; EMULATE_BF16_RNE is True only under the interpreter.
     """
     if _kernels is None:
         return []
@@ -144,11 +148,13 @@ def aot_launch_configs() -> list[dict]:
         stats = {"mean_ptr": acc, "rstd_ptr": acc, "gamma_ptr": acc, "beta_ptr": acc}
         configs.append({
             "kernel": "_norm_relu_fwd_kernel", "num_warps": _NUM_WARPS, "largest": True,
+            "enable_fp_fusion": _FP_FUSION,
             "constexprs": {"EMULATE_BF16_RNE": False, "BLOCK": _BLOCK},
             "args": {"z_ptr": dtype, **stats, "a_ptr": dtype}})
         for batch_stats in (True, False):
             configs.append({
                 "kernel": "_norm_relu_bwd_kernel", "num_warps": _NUM_WARPS, "largest": batch_stats,
+                "enable_fp_fusion": _FP_FUSION,
                 "constexprs": {"BATCH_STATS": batch_stats, "EMULATE_BF16_RNE": False,
                                "BLOCK": _BLOCK},
                 "args": {"grad_a_ptr": dtype, "z_ptr": dtype, **stats, "grad_z_ptr": dtype,
