@@ -317,8 +317,17 @@ def test_backend_device_mismatch_raises(monkeypatch):
     # CUDA tensors cannot be made here; the dispatch decision is checked directly.
     with pytest.raises(ValueError, match="backend 'cpu' cannot run on a CUDA tensor"):
         _pick_backend("cpu", torch.device("cuda"))
+    # CUDA tensors default to the cuFFT backend when the extension has it, else to Triton.
+    monkeypatch.setattr(_extension, "extension_has_cuda", lambda: True)
+    assert _pick_backend(None, torch.device("cuda")) == "cuda"
+    monkeypatch.setattr(_extension, "extension_has_cuda", lambda: False)
     if _extension.triton_available():
         assert _pick_backend(None, torch.device("cuda")) == "triton"
+    monkeypatch.setattr(_extension, "triton_available", lambda: False)
+    assert _pick_backend(None, torch.device("cuda")) == "reference"
+    # CPU defaults are unchanged.
+    assert _pick_backend(None, torch.device("cpu")) == (
+        "cpu" if _extension.EXTENSION_LOADED else "reference")
 
 
 @needs_extension

@@ -14,8 +14,13 @@ with per-bin dataset statistics (specgan); ``"none"`` leaves ln values as they a
 
 Backends (``backend=``): ``reference`` (the torch.stft chain below), ``cpu`` (C++ kernel in
 vcfast._C), ``cuda`` (cuFFT + fused CUDA epilogues in vcfast._C), ``triton`` (DFT of the kept
-bins as a GEMM with the epilogue fused). Default: ``cpu`` for CPU tensors, ``triton`` for CUDA
-tensors. Every backend has a gradient with respect to the waveform; only ``reference`` has
+bins as a GEMM with the epilogue fused). Default: ``cpu`` for CPU tensors; for CUDA tensors
+``cuda`` when vcfast._C was built with CUDA, else ``triton`` (else ``reference``). Why ``cuda``:
+with the default ``precision="ieee"`` the Triton GEMM compiles to scalar fp32 FMAs (tensor cores
+only with ``precision="tf32"`` or ``"bf16"``, or for float64 as DMMA on sm_80+), against cuFFT's
+O(n log n) transform of every bin; the choice is to be re-measured on a GPU (the bench step
+of scripts/gpu_validate.sh runs bench/bench_spectrogram.py::test_gpu, which times both). Every
+backend has a gradient with respect to the waveform; only ``reference`` has
 second derivatives (the fused backends raise RuntimeError when differentiated twice).
 
 NaN policy: with ``nan_policy="raise"`` (default) a NaN or Inf in any sample that reaches the
@@ -319,10 +324,10 @@ def _pick_backend(backend: str | None, device: torch.device) -> str:
     if backend is not None and backend not in BACKENDS:
         raise ValueError(f"log_spectrogram: unknown backend {backend!r}; choose one of {BACKENDS}")
     if device.type == "cuda":
-        if backend is None:
-            if _extension.triton_available():
-                return "triton"
-            return "cuda" if _extension.extension_has_cuda() else "reference"
+        if backend is None:  # see the module docstring for why cuda comes first
+            if _extension.extension_has_cuda():
+                return "cuda"
+            return "triton" if _extension.triton_available() else "reference"
         if backend == "cpu":
             raise ValueError("log_spectrogram: backend 'cpu' cannot run on a CUDA tensor; use "
                              "'triton', 'cuda' or 'reference', or move the tensor to the CPU")
@@ -416,10 +421,13 @@ def log_spectrogram(
     Args:
         wave: ``[..., samples]`` real audio, float32/float64 (bf16/fp16 computed in float32).
         preset: ``"stargan_vc"`` (default) or ``"specgan"``, or a :class:`SpectrogramConfig`.
-        backend: ``None`` (by device), ``"reference"``, ``"cpu"``, ``"cuda"`` or ``"triton"``.
+        backend: ``None`` (by device: ``cpu`` for CPU tensors; ``cuda`` for CUDA tensors when
+            the extension has CUDA, else ``triton``), ``"reference"``, ``"cpu"``, ``"cuda"`` or
+            ``"triton"``.
         nan_policy: ``"raise"`` (ValueError on NaN/Inf input) or ``"propagate"``.
         mean, std: per-bin statistics for ``normalization="standardize"`` (specgan).
-        precision: Triton GEMM precision: ``"ieee"`` (fp32-accurate, default), ``"tf32"``, ``"bf16"``.
+        precision: Triton GEMM precision: ``"ieee"`` (fp32-accurate, default; scalar FMAs, no
+            tensor cores), ``"tf32"``, ``"bf16"`` (tensor cores). Only ``backend="triton"``.
         **overrides: any :class:`SpectrogramConfig` field (n_fft, hop, window, power, bin_lo,
             bin_hi, log_floor, log_offset, normalization, log_range, clip, ...).
 
