@@ -157,11 +157,14 @@ class TrainingIteration:
         with self._autocast():
             with torch.no_grad():
                 x_fake = G(self.x_real, self.c_trg).to(self.x_real.dtype)
+            # The penalty first: autograd runs the nodes made last first, so the penalty's
+            # backward then comes after the real/fake backward, while little else is alive
+            # (see vcfast/ops/gradient_penalty.py, "Order in a combined loss").
+            gp = gradient_penalty(D, self.x_orig, x_fake, weight=LAMBDA_GP,
+                                  mode="lean" if self.lean else "autograd")
             src_real, cls_real = D(self.x_real)
             src_fake, _ = D(x_fake)
-            d_loss = -src_real.mean() + src_fake.mean() + self._cls_loss(cls_real, self.t_real)
-            d_loss = d_loss + gradient_penalty(D, self.x_orig, x_fake, weight=LAMBDA_GP,
-                                               mode="lean" if self.lean else "autograd")
+            d_loss = -src_real.mean() + src_fake.mean() + self._cls_loss(cls_real, self.t_real) + gp
         d_loss.backward()
         self.d_opt.step()
 

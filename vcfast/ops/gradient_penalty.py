@@ -26,6 +26,15 @@ any other term of the D loss. Each weight gradient is built in output-channel an
 slices into one buffer that autograd then accumulates (or adopts as ``.grad`` when there was
 none), and each b_k is freed as soon as its weight gradient is done.
 
+Order in a combined loss: autograd's engine runs, of the nodes ready, the one made last
+first, and a weight's gradient is accumulated only once every term of the loss has delivered
+its part. Computing the penalty *before* the critic's other forward passes of the same loss
+(``gp = gradient_penalty(...); loss = -D(real) + D(fake) + gp``) makes autograd run the
+penalty after the real/fake backward, when little else is alive, so the penalty's weight
+gradients are not held while that backward runs (paper-size D, batch 16: 2.14 GB D-step peak
+on the meta device against 2.26 GB the other way round; 2.09 GB when the penalty wrote .grad
+behind autograd's back). Both orders give the same gradients.
+
 Under ``torch.compile`` the same forward and tangent pass run as the torch.library op
 ``vcfast::lean_gradient_penalty`` (opaque forward, registered backward), so a whole D loss
 compiles with ``fullgraph=True``. Eager mode runs them in a plain ``torch.autograd.Function``
@@ -697,7 +706,9 @@ def gradient_penalty(
     ``GradScaler`` and ``torch.compile(fullgraph=True)`` give what ``mode="autograd"`` gives
     (biases get none from the penalty). No gradient flows to x_real or x_fake (x_hat is
     detached, as in StarGAN). The lean penalty can be back-propagated once, and not twice
-    (``create_graph=True`` is not supported): use ``mode="autograd"`` for that.
+    (``create_graph=True`` is not supported): use ``mode="autograd"`` for that. In a D loss,
+    compute it before the critic's other forwards: its backward then runs last and the D
+    step's peak memory stays lower (module doc, "Order in a combined loss").
 
     Args:
         critic: an ``nn.Sequential`` of Conv2d / ConvTranspose2d / Linear / LeakyReLU / ReLU /

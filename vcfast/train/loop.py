@@ -240,17 +240,19 @@ class _Stepper:
         with torch.no_grad(), self.autocast():
             x_fake = G(batch.x_real, c_target)
         x_fake = x_fake.float()
+        gp = torch.zeros((), device=self.device)
+        if cfg.lambda_gp > 0:
+            # The penalty before D's forwards: autograd runs the nodes made last first, so the
+            # penalty's backward comes after the real/fake backward, when little else is alive
+            # (vcfast/ops/gradient_penalty.py, "Order in a combined loss").
+            with self.autocast():
+                gp = gradient_penalty(D, batch.x_orig, x_fake, weight=cfg.lambda_gp, mode="lean")
         with self.autocast():
             src_real, cls_real = D(batch.x_real)
             src_fake, _ = D(x_fake)
         adv = -src_real.float().mean() + src_fake.float().mean()
         cls = masked_multigroup_bce(cls_real.float(), t_real, self.sizes)
-        loss = adv + cfg.lambda_cls * cls
-        gp = torch.zeros((), device=self.device)
-        if cfg.lambda_gp > 0:
-            with self.autocast():
-                gp = gradient_penalty(D, batch.x_orig, x_fake, weight=cfg.lambda_gp, mode="lean")
-            loss = loss + gp
+        loss = adv + cfg.lambda_cls * cls + gp
         loss.backward()
         self.opt_d.step()
         return {
