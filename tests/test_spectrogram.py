@@ -365,3 +365,23 @@ def test_backward_accepts_any_gradient_layout():
         (g_cpu,) = torch.autograd.grad(reduce(vcfast.log_spectrogram(x, config, backend="cpu")), x)
         (g_ref,) = torch.autograd.grad(reduce(vcfast.log_spectrogram(x, config, backend="reference")), x)
         torch.testing.assert_close(g_cpu, g_ref, atol=1e-10, rtol=1e-9)
+
+
+def test_nan_policy_auto_checks_only_off_cuda():
+    """The NaN check reads its verdict on the host: on CUDA that is a per-call device-to-host
+    sync, so "auto" (the default) checks CPU tensors only and CUDA needs an explicit opt-in."""
+    from vcfast.ops.spectrogram import _resolve_nan_policy
+
+    assert _resolve_nan_policy("auto", torch.device("cpu")) == "raise"
+    assert _resolve_nan_policy("auto", torch.device("cuda", 1)) == "propagate"
+    for device in ("cpu", "cuda"):
+        for policy in ("raise", "propagate"):
+            assert _resolve_nan_policy(policy, torch.device(device)) == policy
+    with pytest.raises(ValueError, match="'auto', 'raise' or 'propagate'"):
+        _resolve_nan_policy("ignore", torch.device("cpu"))
+    x = speech_like(4096, dtype=torch.float32)
+    x[2000] = math.nan
+    with pytest.raises(ValueError, match="NaN or Inf"):  # the CPU default still raises
+        vcfast.log_spectrogram(x, backend="reference")
+    with pytest.raises(ValueError, match="NaN or Inf"):
+        vcfast.nn.LogSpectrogram(backend="reference")(x)

@@ -364,3 +364,18 @@ def test_cuda_stargan_vc_real_size(precision, atol):
     torch.testing.assert_close(vcfast.log_spectrogram(x64, "stargan_vc", backend="triton"),
                                vcfast.log_spectrogram(x64, "stargan_vc", backend="reference"),
                                atol=1e-9, rtol=0)
+
+
+def test_params_table_is_built_once_per_values_and_device():
+    """torch.tensor(..., device=cuda) copies from pageable memory and syncs: the [6] scalar
+    table is cached per (values, dtype, device) in eager mode; -0.0 and 0.0 stay apart."""
+    if st._kernels is None:
+        pytest.skip(st.TRITON_IMPORT_ERROR)
+    like = torch.zeros(1)
+    a = st._params(1.0, 2.0, 0.0, 1e-5, -1.0, 1.0, like)
+    assert st._params(1.0, 2.0, 0.0, 1e-5, -1.0, 1.0, like) is a
+    assert torch.equal(a, torch.tensor([1.0, 2.0, 0.0, 1e-5, -1.0, 1.0]))
+    b = st._params(1.0, 2.0, -0.0, 1e-5, -1.0, 1.0, like)
+    assert b is not a and b[2].signbit()
+    c = st._params(1.0, 2.0, 0.0, 1e-5, -1.0, 1.0, like.double())
+    assert c is not a and c.dtype == torch.float64 and c[3].item() == 1e-5

@@ -29,7 +29,7 @@ class LogSpectrogram(nn.Module):
         preset: str | SpectrogramConfig = "stargan_vc",
         *,
         backend: str | None = None,
-        nan_policy: str = "raise",
+        nan_policy: str = "auto",
         mean: torch.Tensor | Sequence[float] | None = None,
         std: torch.Tensor | Sequence[float] | None = None,
         precision: str = "ieee",

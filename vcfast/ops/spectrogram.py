@@ -23,8 +23,11 @@ of scripts/gpu_validate.sh runs bench/bench_spectrogram.py::test_gpu, which time
 backend has a gradient with respect to the waveform; only ``reference`` has
 second derivatives (the fused backends raise RuntimeError when differentiated twice).
 
-NaN policy: with ``nan_policy="raise"`` (default) a NaN or Inf in any sample that reaches the
-output raises ValueError; ``"propagate"`` lets it flow to the affected frames. Under
+NaN policy: with ``nan_policy="raise"`` a NaN or Inf in any sample that reaches the output
+raises ValueError; ``"propagate"`` lets it flow to the affected frames. The default ``"auto"``
+is ``"raise"`` for CPU tensors and ``"propagate"`` for CUDA tensors: on a GPU the check has to
+bring its verdict to the host, a device-to-host sync that stalls the CPU until every queued
+kernel has run, on every call; pass ``nan_policy="raise"`` to opt in to it there. Under
 torch.compile the reference and Triton backends skip the eager check (the C++ kernels check
 inside the kernel in every mode).
 """
@@ -362,14 +365,23 @@ def _pick_backend(backend: str | None, device: torch.device) -> str:
     return backend
 
 
+def _resolve_nan_policy(nan_policy: str, device: torch.device) -> str:
+    """Returns "raise" or "propagate"; "auto" raises only off CUDA (no per-call GPU sync)."""
+    if nan_policy not in ("auto", "raise", "propagate"):
+        raise ValueError("log_spectrogram: nan_policy must be 'auto', 'raise' or 'propagate', "
+                         f"got {nan_policy!r}")
+    if nan_policy == "auto":
+        return "propagate" if device.type == "cuda" else "raise"
+    return nan_policy
+
+
 def _apply(
     wave: torch.Tensor, config: SpectrogramConfig, window: torch.Tensor, shift: torch.Tensor,
     scale: torch.Tensor, backend: str | None, nan_policy: str, precision: str,
 ) -> torch.Tensor:
     """The op on prepared per-bin tensors; shared by the functional API and the module."""
     _check_wave(wave)
-    if nan_policy not in ("raise", "propagate"):
-        raise ValueError(f"log_spectrogram: nan_policy must be 'raise' or 'propagate', got {nan_policy!r}")
+    nan_policy = _resolve_nan_policy(nan_policy, wave.device)
     if precision not in _PRECISIONS:
         raise ValueError(f"log_spectrogram: precision must be one of {_PRECISIONS}, got {precision!r}")
     backend = _pick_backend(backend, wave.device)
@@ -410,7 +422,7 @@ def log_spectrogram(
     preset: str | SpectrogramConfig = "stargan_vc",
     *,
     backend: str | None = None,
-    nan_policy: str = "raise",
+    nan_policy: str = "auto",
     mean: torch.Tensor | Sequence[float] | None = None,
     std: torch.Tensor | Sequence[float] | None = None,
     precision: str = "ieee",
@@ -424,7 +436,9 @@ def log_spectrogram(
         backend: ``None`` (by device: ``cpu`` for CPU tensors; ``cuda`` for CUDA tensors when
             the extension has CUDA, else ``triton``), ``"reference"``, ``"cpu"``, ``"cuda"`` or
             ``"triton"``.
-        nan_policy: ``"raise"`` (ValueError on NaN/Inf input) or ``"propagate"``.
+        nan_policy: ``"raise"`` (ValueError on NaN/Inf input; on CUDA tensors this costs a
+            device-to-host sync per call), ``"propagate"``, or ``"auto"`` (default: ``"raise"``
+            for CPU tensors, ``"propagate"`` for CUDA tensors).
         mean, std: per-bin statistics for ``normalization="standardize"`` (specgan).
         precision: Triton GEMM precision: ``"ieee"`` (fp32-accurate, default; scalar FMAs, no
             tensor cores), ``"tf32"``, ``"bf16"`` (tensor cores). Only ``backend="triton"``.

@@ -123,11 +123,29 @@ def _bases(window: Tensor, n_fft: int, bin_lo: int, bin_hi: int, dtype: torch.dt
     return (w * trig[0]).to(dtype).contiguous(), (w * trig[1]).to(dtype).contiguous()
 
 
+_PARAMS_CACHE: dict[tuple, Tensor] = {}
+
+
 def _params(magnitude_scale, power, log_offset, log_floor, clip_lo, clip_hi,
             like: Tensor) -> Tensor:
-    # Scalars travel as a tensor of the compute dtype: Triton would pass Python floats as fp32.
-    return torch.tensor([magnitude_scale, power, log_offset, log_floor, clip_lo, clip_hi],
-                        dtype=like.dtype, device=like.device)
+    """The scalars as a [6] tensor of the compute dtype (Triton would pass floats as fp32).
+
+    Built once per (values, dtype, device) in eager mode and cached: ``torch.tensor(...,
+    device=cuda)`` copies from pageable host memory, a copy that synchronises the host with
+    the GPU, on every call otherwise. The kernels only read it.
+    """
+    values = [float(v) for v in (magnitude_scale, power, log_offset, log_floor, clip_lo, clip_hi)]
+    if not _not_tracing(like):
+        return torch.tensor(values, dtype=like.dtype, device=like.device)
+    # float.hex: -0.0 and 0.0 (or two NaNs) must not share an entry by comparing equal.
+    key = (tuple(v.hex() for v in values), like.dtype, str(like.device))
+    params = _PARAMS_CACHE.get(key)
+    if params is None:
+        params = torch.tensor(values, dtype=like.dtype, device=like.device)
+        if len(_PARAMS_CACHE) > 64:
+            _PARAMS_CACHE.clear()
+        _PARAMS_CACHE[key] = params
+    return params
 
 
 def _precision_code(precision: str, dtype: torch.dtype) -> int:
