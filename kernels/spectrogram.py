@@ -27,6 +27,12 @@ time, never stored) and overlap-adds it into the waveform gradient with ``tl.ato
 (each sample is hit by ceil(n_fft / hop) frames: 4 for stargan_vc, so contention is low; the
 float32 sum order, hence the last bits, is not deterministic).
 
+float32 square roots and divisions are IEEE round-to-nearest (``tl.sqrt_rn``, ``tl.div_rn``):
+``tl.sqrt`` and ``/`` compile to ``sqrt.approx.ftz.f32`` and ``div.full.f32`` (approximate, and
+flushing subnormals to zero), which would make quiet bins (|X| ~ 1e-20, squared subnormal) and
+the backward's 1/|X| differ from the CPU backends and the reference by more than rounding.
+tests/test_kernel_ptx.py checks the sm_90 PTX. (``tl.log`` / ``tl.exp`` are libdevice calls.)
+
 Scalars arrive in a small ``params`` tensor of the compute dtype (Triton passes Python
 floats as fp32, which would round e.g. log_floor=1e-3 in the float64 path):
     params = [magnitude_scale, power, log_offset, log_floor, clip_lo, clip_hi]
@@ -104,6 +110,26 @@ def _dft_tile(wave_ptr, cos_ptr, sin_ptr, row_base, m_mask, offs_n, n_mask, K, N
 
 
 @triton.jit
+def _sqrt_rn(x, IS_FP64: tl.constexpr):
+    # tl.sqrt_rn takes float32 only; float64 sqrt has no approximate form (sqrt.rn.f64).
+    if IS_FP64:
+        r = tl.sqrt(x)
+    else:
+        r = tl.sqrt_rn(x)
+    return r
+
+
+@triton.jit
+def _div_rn(x, y, IS_FP64: tl.constexpr):
+    # tl.div_rn takes float32 only; float64 division is always div.rn.f64.
+    if IS_FP64:
+        r = x / y
+    else:
+        r = tl.div_rn(x, y)
+    return r
+
+
+@triton.jit
 def _power(m, power, POWER_MODE: tl.constexpr):
     if POWER_MODE == 1:
         s = m
@@ -155,7 +181,7 @@ def _log_spectrogram_fwd_kernel(
     shift = tl.load(shift_ptr + offs_n, mask=n_mask, other=0.0)
     scale = tl.load(scale_ptr + offs_n, mask=n_mask, other=1.0)
 
-    m = tl.sqrt(re * re + im * im) / magnitude_scale
+    m = _div_rn(_sqrt_rn(re * re + im * im, IS_FP64), magnitude_scale, IS_FP64)
     u = _power(m, power, POWER_MODE) + log_offset
     v = tl.where(u < log_floor, log_floor, u)
     z = (tl.log(v) - shift[None, :]) * scale[None, :]
@@ -209,8 +235,8 @@ def _log_spectrogram_bwd_spec_kernel(
     g = tl.load(grad_ptr + b[:, None] * stride_gb + offs_n[None, :] * stride_gk
                 + f[:, None] * stride_gf, mask=tile_mask, other=0.0)
 
-    abs_x = tl.sqrt(re * re + im * im)
-    m = abs_x / magnitude_scale
+    abs_x = _sqrt_rn(re * re + im * im, IS_FP64)
+    m = _div_rn(abs_x, magnitude_scale, IS_FP64)
     u = _power(m, power, POWER_MODE) + log_offset
     v = tl.where(u < log_floor, log_floor, u)
     passes = (u >= log_floor) & (abs_x != 0.0)
@@ -220,15 +246,16 @@ def _log_spectrogram_bwd_spec_kernel(
         z = (tl.log(v) - shift[None, :]) * scale[None, :]
         passes = passes & (z >= clip_lo) & (z <= clip_hi)
     if POWER_MODE == 1:
-        g_abs = g * scale[None, :] / v / magnitude_scale
+        g_abs = _div_rn(_div_rn(g * scale[None, :], v, IS_FP64), magnitude_scale, IS_FP64)
     elif POWER_MODE == 2:
-        g_abs = g * scale[None, :] / v * (2.0 * m) / magnitude_scale
+        g_abs = _div_rn(_div_rn(g * scale[None, :], v, IS_FP64) * (2.0 * m), magnitude_scale,
+                        IS_FP64)
     else:
         dpow = power * tl.exp((power - 1.0) * tl.log(m))  # m = 0 is masked out below
-        g_abs = g * scale[None, :] / v * dpow / magnitude_scale
+        g_abs = _div_rn(_div_rn(g * scale[None, :], v, IS_FP64) * dpow, magnitude_scale, IS_FP64)
     safe_abs = tl.where(passes, abs_x, 1.0)
-    g_re = tl.where(passes, g_abs * re / safe_abs, 0.0)
-    g_im = tl.where(passes, g_abs * im / safe_abs, 0.0)
+    g_re = tl.where(passes, _div_rn(g_abs * re, safe_abs, IS_FP64), 0.0)
+    g_im = tl.where(passes, _div_rn(g_abs * im, safe_abs, IS_FP64), 0.0)
 
     buf_off = offs_m[:, None] * NB + offs_n[None, :]
     tl.store(gre_ptr + buf_off, g_re, mask=tile_mask)

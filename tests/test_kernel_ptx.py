@@ -77,3 +77,19 @@ def test_norm_act_kernels_have_no_fma(dtype, suffix):
     for ptx in as_launched:
         assert _instructions(ptx, rf"fma\.rn\.{suffix}") == []
     assert _instructions(fused, rf"fma\.rn\.{suffix}"), "the fused control shows no FMA"
+
+
+@pytest.mark.parametrize("dtype,suffix", [("torch.float32", "f32"), ("torch.float64", "f64")])
+def test_spectrogram_sqrt_and_div_round_to_nearest(dtype, suffix):
+    """|X| = sqrt(re^2 + im^2) and the divisions of the epilogues are IEEE round-to-nearest:
+    no sqrt.approx / div.approx / div.full, nothing flushing subnormals to zero."""
+    configs = aot._launch_configs("spectrogram")
+    indices = [_index("spectrogram", "_log_spectrogram_fwd_kernel", dtype, POWER_MODE=0,
+                      PRECISION=0),
+               _index("spectrogram", "_log_spectrogram_bwd_spec_kernel", dtype, POWER_MODE=0,
+                      PRECISION=0, HAS_CLIP=True)]
+    for ptx in _ptx([("spectrogram", i, _options(configs[i])) for i in indices]):
+        sqrt = _instructions(ptx, r"sqrt(?:\.\w+)+")
+        div = _instructions(ptx, rf"div(?:\.\w+)*\.{suffix}")
+        assert sqrt and set(sqrt) == {f"sqrt.rn.{suffix}"}
+        assert div and set(div) == {f"div.rn.{suffix}"}
