@@ -237,11 +237,6 @@ def test_multigroup_accuracy_in_a_compiled_function_with_graph_breaks():
     assert compiled(logits, targets) == evaluate(logits, targets)
 
 
-@pytest.mark.xfail(strict=True, raises=Exception, reason=(
-    "multigroup_accuracy returns Python numbers, so fullgraph tracing cannot work; today "
-    "Dynamo fails inside vcfast.labels with an unbacked-symbol guard error instead of a clear "
-    "error. vcfast/metrics.py should raise a RuntimeError naming the function when "
-    "torch.compiler.is_compiling(); then drop this mark."))
 def test_multigroup_accuracy_under_fullgraph_compile_raises_a_clear_error():
     torch._dynamo.reset()
     logits, targets = _accuracy_inputs()

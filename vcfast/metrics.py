@@ -63,6 +63,9 @@ def _resolve_groups(groups: Any) -> tuple[tuple[int, ...], tuple[str, ...]]:
 
 
 @torch.no_grad()
+# It returns Python numbers (a host sync), so it cannot be part of a compiled graph: under
+# torch.compile it runs eagerly between graphs, and fullgraph=True refuses it by name.
+@torch.compiler.disable
 def multigroup_accuracy(logits: torch.Tensor, targets: torch.Tensor, groups: Any) -> dict:
     """Per-group top-1 accuracy of multi-group classifier logits.
 
