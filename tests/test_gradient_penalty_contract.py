@@ -329,3 +329,25 @@ def test_ddp_averages_the_penalty_gradients(tmp_path, find_unused):
         if not find_unused:
             assert_grads_close(results["alone"], expected_alone)
         assert_grads_close(results["d_loss"], expected_loss)
+
+
+# --- the module ---------------------------------------------------------------------------------
+
+def test_gradient_penalty_module_compiles_with_interval_1_and_refuses_lazy_schedules():
+    torch._dynamo.reset()
+    from vcfast.nn import GradientPenalty
+
+    critic = small_critic()
+    x_real, x_fake, eps = batch()
+    every_call = GradientPenalty(interval=1)
+    compiled = torch.compile(lambda: every_call(critic, x_real, x_fake, eps=eps), fullgraph=True,
+                             backend="aot_eager")
+    got = torch.autograd.grad(compiled(), weights_of(critic))
+    _, expected = reference_grads(critic, x_real, x_fake, eps)
+    assert_grads_close(got, expected)
+    assert int(every_call.calls) == 1
+    lazy = GradientPenalty(interval=2)
+    compiled_lazy = torch.compile(lambda: lazy(critic, x_real, x_fake, eps=eps), fullgraph=True,
+                                  backend="aot_eager")
+    with pytest.raises(Exception, match="interval>1"):
+        compiled_lazy()

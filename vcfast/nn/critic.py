@@ -50,6 +50,15 @@ class GradientPenalty(nn.Module):
 
     def forward(self, critic: nn.Module, x_real: torch.Tensor, x_fake: torch.Tensor,
                 eps: torch.Tensor | None = None) -> torch.Tensor:
+        if self.interval == 1:  # every call: no host read, so it compiles with fullgraph=True
+            self.calls += 1
+            return gradient_penalty(critic, x_real, x_fake, weight=self.weight, target=self.target,
+                                    eps=eps, mode=self.mode)
+        if torch.compiler.is_compiling():
+            raise RuntimeError(
+                "GradientPenalty(interval>1) decides on the host whether the penalty is due on "
+                "this call, which a torch.compile(fullgraph=True) graph cannot do; call it "
+                "outside the compiled region, or use interval=1 there")
         due = int(self.calls) % self.interval == 0
         self.calls += 1
         if not due:
