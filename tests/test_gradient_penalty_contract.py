@@ -27,17 +27,24 @@ from vcfast.ops.gradient_penalty import gradient_penalty
 def small_critic(dtype=torch.float64, seed=0):
     torch.manual_seed(seed)
     critic = PiecewiseLinearCritic(
-        nn.Sequential(nn.Conv2d(1, 4, 4, 2, 1), nn.LeakyReLU(0.01), nn.Conv2d(4, 8, 4, 2, 1),
-                      nn.LeakyReLU(0.2)),
-        nn.Sequential(nn.Conv2d(8, 1, 3, 1, 1, bias=False)))
+        nn.Sequential(
+            nn.Conv2d(1, 4, 4, 2, 1),
+            nn.LeakyReLU(0.01),
+            nn.Conv2d(4, 8, 4, 2, 1),
+            nn.LeakyReLU(0.2),
+        ),
+        nn.Sequential(nn.Conv2d(8, 1, 3, 1, 1, bias=False)),
+    )
     return critic.to(dtype)
 
 
 def batch(n=3, size=16, dtype=torch.float64, seed=1):
     g = torch.Generator().manual_seed(seed)
-    return (torch.rand(n, 1, size, size, generator=g, dtype=dtype),
-            torch.rand(n, 1, size, size, generator=g, dtype=dtype),
-            torch.rand(n, generator=g, dtype=dtype))
+    return (
+        torch.rand(n, 1, size, size, generator=g, dtype=dtype),
+        torch.rand(n, 1, size, size, generator=g, dtype=dtype),
+        torch.rand(n, generator=g, dtype=dtype),
+    )
 
 
 def weights_of(critic):
@@ -57,6 +64,7 @@ def assert_grads_close(actual, expected, rtol=1e-10):
 
 
 # --- the three ways of asking autograd for gradients ------------------------------------------
+
 
 def test_autograd_grad_gets_the_weight_gradients():
     critic = small_critic()
@@ -111,8 +119,11 @@ def test_composes_with_the_d_loss_and_other_terms():
     x_real, x_fake, eps = batch()
     totals = {}
     for mode in ("autograd", "lean"):
-        loss = (-critic(x_real).mean() + critic(x_fake).mean()
-                + gradient_penalty(critic, x_real, x_fake, eps=eps, mode=mode))
+        loss = (
+            -critic(x_real).mean()
+            + critic(x_fake).mean()
+            + gradient_penalty(critic, x_real, x_fake, eps=eps, mode=mode)
+        )
         totals[mode] = torch.autograd.grad(loss, list(critic.parameters()))
     assert_grads_close(totals["lean"], totals["autograd"])
 
@@ -130,6 +141,7 @@ def test_grad_scaler_scales_and_unscales_the_penalty():
 
 
 # --- what does not work says so --------------------------------------------------------------
+
 
 def test_second_backward_raises_clearly():
     critic = small_critic()
@@ -172,8 +184,9 @@ def test_no_grad_and_inference_mode_and_frozen_critic():
     assert value.grad_fn is None
     torch.testing.assert_close(value, expected, rtol=1e-12, atol=0)
     with torch.inference_mode():
-        torch.testing.assert_close(gradient_penalty(critic, x_real, x_fake, eps=eps), expected,
-                                   rtol=1e-12, atol=0)
+        torch.testing.assert_close(
+            gradient_penalty(critic, x_real, x_fake, eps=eps), expected, rtol=1e-12, atol=0
+        )
     critic.requires_grad_(False)
     value = gradient_penalty(critic, x_real, x_fake, eps=eps)
     assert value.grad_fn is None and not value.requires_grad
@@ -196,12 +209,17 @@ def test_non_contiguous_and_channels_last_inputs():
     _, expected = reference_grads(critic, x_real[::2], x_fake[::2], eps[::2])
     gp = gradient_penalty(critic, x_real[::2], x_fake[::2], eps=eps[::2])  # strided batch
     assert_grads_close(torch.autograd.grad(gp, weights_of(critic)), expected)
-    gp = gradient_penalty(critic, x_real[::2].to(memory_format=torch.channels_last),
-                          x_fake[::2].to(memory_format=torch.channels_last), eps=eps[::2])
+    gp = gradient_penalty(
+        critic,
+        x_real[::2].to(memory_format=torch.channels_last),
+        x_fake[::2].to(memory_format=torch.channels_last),
+        eps=eps[::2],
+    )
     assert_grads_close(torch.autograd.grad(gp, weights_of(critic)), expected)
 
 
 # --- memory: one weight gradient at a time ----------------------------------------------------
+
 
 def test_backward_holds_one_weight_gradient_at_a_time(monkeypatch):
     """Every finished weight gradient is accumulated before the next one is made.
@@ -213,8 +231,13 @@ def test_backward_holds_one_weight_gradient_at_a_time(monkeypatch):
     monkeypatch.setattr(gp_module, "_WEIGHT_GRAD_SLICE_BYTES", 2**20)
     torch.manual_seed(0)
     width = 1024
-    critic = nn.Sequential(nn.Linear(width, width), nn.LeakyReLU(0.01), nn.Linear(width, width),
-                           nn.LeakyReLU(0.01), nn.Linear(width, 1))
+    critic = nn.Sequential(
+        nn.Linear(width, width),
+        nn.LeakyReLU(0.01),
+        nn.Linear(width, width),
+        nn.LeakyReLU(0.01),
+        nn.Linear(width, 1),
+    )
     for p in critic.parameters():
         p.grad = torch.zeros_like(p)  # persistent gradient buffers, as in a training loop
     x_real, x_fake = torch.randn(2, width), torch.randn(2, width)
@@ -228,9 +251,13 @@ def test_backward_holds_one_weight_gradient_at_a_time(monkeypatch):
 
 # --- torch.compile and torch.library ----------------------------------------------------------
 
+
 def d_loss(critic, x_real, x_fake, eps):
-    return (-critic(x_real).mean() + critic(x_fake).mean()
-            + vcfast.gradient_penalty(critic, x_real, x_fake, eps=eps))
+    return (
+        -critic(x_real).mean()
+        + critic(x_fake).mean()
+        + vcfast.gradient_penalty(critic, x_real, x_fake, eps=eps)
+    )
 
 
 @pytest.mark.parametrize("backend", ["aot_eager", "inductor"])
@@ -258,9 +285,12 @@ def test_compiled_stargan_d_loss_with_fused_bce():
     def loss_fn(x_real, x_fake, eps):
         src_real, cls_real = critic(x_real)
         src_fake, _ = critic(x_fake)
-        return (-src_real.mean() + src_fake.mean()
-                + vcfast.masked_multigroup_bce(cls_real, targets, (4, 3))
-                + vcfast.gradient_penalty(critic, x_real, x_fake, eps=eps))
+        return (
+            -src_real.mean()
+            + src_fake.mean()
+            + vcfast.masked_multigroup_bce(cls_real, targets, (4, 3))
+            + vcfast.gradient_penalty(critic, x_real, x_fake, eps=eps)
+        )
 
     compiled = torch.compile(loss_fn, fullgraph=True, backend="aot_eager")
     params = list(critic.parameters())
@@ -272,16 +302,21 @@ def test_compiled_stargan_d_loss_with_fused_bce():
 def test_lean_gradient_penalty_op_opcheck():
     from vcfast.ops.gradient_penalty import _encode, _plan
 
-    critic = nn.Sequential(nn.Conv2d(1, 3, 3, 2, 1), nn.LeakyReLU(0.1), nn.Flatten(), nn.Linear(3 * 16, 1))
+    critic = nn.Sequential(
+        nn.Conv2d(1, 3, 3, 2, 1), nn.LeakyReLU(0.1), nn.Flatten(), nn.Linear(3 * 16, 1)
+    )
     codes, slopes = _encode(_plan(list(critic)))
     x_hat = torch.rand(2, 1, 8, 8)
     weights = [critic[0].weight, critic[3].weight]
     biases = [critic[0].bias, critic[3].bias]
-    torch.library.opcheck(torch.ops.vcfast.lean_gradient_penalty.default,
-                          (x_hat, weights, biases, [0, 1], codes, slopes, 1.0, 10.0))
+    torch.library.opcheck(
+        torch.ops.vcfast.lean_gradient_penalty.default,
+        (x_hat, weights, biases, [0, 1], codes, slopes, 1.0, 10.0),
+    )
 
 
 # --- wrapped critics ---------------------------------------------------------------------------
+
 
 def test_data_parallel_and_compiled_modules_are_looked_through():
     critic = small_critic()
@@ -305,8 +340,11 @@ def _ddp_worker(rank, world, init_file, out_dir, find_unused):
             gradient_penalty(ddp, x_real[mine], x_fake[mine], eps=eps[mine]).backward()
             results["alone"] = [p.grad.clone() for p in weights_of(critic)]
             critic.zero_grad(set_to_none=True)
-        loss = (-ddp(x_real[mine]).mean() + ddp(x_fake[mine]).mean()
-                + gradient_penalty(ddp, x_real[mine], x_fake[mine], eps=eps[mine]))
+        loss = (
+            -ddp(x_real[mine]).mean()
+            + ddp(x_fake[mine]).mean()
+            + gradient_penalty(ddp, x_real[mine], x_fake[mine], eps=eps[mine])
+        )
         loss.backward()
         results["d_loss"] = [p.grad.clone() for p in critic.parameters()]
         torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
@@ -321,8 +359,11 @@ def test_ddp_averages_the_penalty_gradients(tmp_path, find_unused):
     critic = small_critic()
     x_real, x_fake, eps = batch(n=4)
     _, expected_alone = reference_grads(critic, x_real, x_fake, eps)
-    loss = (-critic(x_real).mean() + critic(x_fake).mean()
-            + gradient_penalty(critic, x_real, x_fake, eps=eps, mode="autograd"))
+    loss = (
+        -critic(x_real).mean()
+        + critic(x_fake).mean()
+        + gradient_penalty(critic, x_real, x_fake, eps=eps, mode="autograd")
+    )
     expected_loss = torch.autograd.grad(loss, list(critic.parameters()))
     for rank in range(2):
         results = torch.load(tmp_path / f"rank{rank}.pt")
@@ -333,6 +374,7 @@ def test_ddp_averages_the_penalty_gradients(tmp_path, find_unused):
 
 # --- the module ---------------------------------------------------------------------------------
 
+
 def test_gradient_penalty_module_compiles_with_interval_1_and_refuses_lazy_schedules():
     torch._dynamo.reset()
     from vcfast.nn import GradientPenalty
@@ -340,14 +382,16 @@ def test_gradient_penalty_module_compiles_with_interval_1_and_refuses_lazy_sched
     critic = small_critic()
     x_real, x_fake, eps = batch()
     every_call = GradientPenalty(interval=1)
-    compiled = torch.compile(lambda: every_call(critic, x_real, x_fake, eps=eps), fullgraph=True,
-                             backend="aot_eager")
+    compiled = torch.compile(
+        lambda: every_call(critic, x_real, x_fake, eps=eps), fullgraph=True, backend="aot_eager"
+    )
     got = torch.autograd.grad(compiled(), weights_of(critic))
     _, expected = reference_grads(critic, x_real, x_fake, eps)
     assert_grads_close(got, expected)
     assert int(every_call.calls) == 1
     lazy = GradientPenalty(interval=2)
-    compiled_lazy = torch.compile(lambda: lazy(critic, x_real, x_fake, eps=eps), fullgraph=True,
-                                  backend="aot_eager")
+    compiled_lazy = torch.compile(
+        lambda: lazy(critic, x_real, x_fake, eps=eps), fullgraph=True, backend="aot_eager"
+    )
     with pytest.raises(Exception, match="interval>1"):
         compiled_lazy()

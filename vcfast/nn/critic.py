@@ -41,30 +41,53 @@ class GradientPenalty(nn.Module):
     The call counter is part of ``state_dict`` so a resumed run keeps the same schedule.
     """
 
-    def __init__(self, weight: float = 10.0, target: float = 1.0, mode: str = "lean", interval: int = 1):
+    def __init__(
+        self, weight: float = 10.0, target: float = 1.0, mode: str = "lean", interval: int = 1
+    ):
         super().__init__()
         if not isinstance(interval, int) or interval < 1:
             raise ValueError(f"GradientPenalty: interval must be an int >= 1, got {interval!r}")
         self.weight, self.target, self.mode, self.interval = weight, target, mode, interval
         self.register_buffer("calls", torch.zeros((), dtype=torch.int64))
 
-    def forward(self, critic: nn.Module, x_real: torch.Tensor, x_fake: torch.Tensor,
-                eps: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(
+        self,
+        critic: nn.Module,
+        x_real: torch.Tensor,
+        x_fake: torch.Tensor,
+        eps: torch.Tensor | None = None,
+    ) -> torch.Tensor:
         if self.interval == 1:  # every call: no host read, so it compiles with fullgraph=True
             self.calls += 1
-            return gradient_penalty(critic, x_real, x_fake, weight=self.weight, target=self.target,
-                                    eps=eps, mode=self.mode)
+            return gradient_penalty(
+                critic,
+                x_real,
+                x_fake,
+                weight=self.weight,
+                target=self.target,
+                eps=eps,
+                mode=self.mode,
+            )
         if torch.compiler.is_compiling():
             raise RuntimeError(
                 "GradientPenalty(interval>1) decides on the host whether the penalty is due on "
                 "this call, which a torch.compile(fullgraph=True) graph cannot do; call it "
-                "outside the compiled region, or use interval=1 there")
+                "outside the compiled region, or use interval=1 there"
+            )
         due = int(self.calls) % self.interval == 0
         self.calls += 1
         if not due:
             return x_real.new_zeros(())
-        return gradient_penalty(critic, x_real, x_fake, weight=self.weight * self.interval,
-                                target=self.target, eps=eps, mode=self.mode)
+        return gradient_penalty(
+            critic,
+            x_real,
+            x_fake,
+            weight=self.weight * self.interval,
+            target=self.target,
+            eps=eps,
+            mode=self.mode,
+        )
 
     def extra_repr(self) -> str:
-        return f"weight={self.weight}, target={self.target}, mode={self.mode!r}, interval={self.interval}"
+        return (f"weight={self.weight}, target={self.target}, mode={self.mode!r}, "
+                f"interval={self.interval}")

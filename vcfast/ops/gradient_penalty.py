@@ -74,6 +74,7 @@ class UnsupportedCriticError(TypeError):
 
 # --- which critic, which layers ----------------------------------------------------------
 
+
 def _unwrap_critic(critic: nn.Module):
     """(the module whose layers are penalised, the DistributedDataParallel wrapper or None).
 
@@ -115,7 +116,8 @@ def gradient_penalty_layers(critic: nn.Module) -> list[nn.Module]:
         raise UnsupportedCriticError(
             f"gradient_penalty: cannot see inside {type(critic).__name__}; pass an nn.Sequential, "
             "or give the critic a gradient_penalty_layers() method returning its layers in order "
-            "(see vcfast.nn.PiecewiseLinearCritic)")
+            "(see vcfast.nn.PiecewiseLinearCritic)"
+        )
     flat: list[nn.Module] = []
     for layer in layers:
         flat.extend(gradient_penalty_layers(layer) if isinstance(layer, nn.Sequential) else [layer])
@@ -151,26 +153,45 @@ def _explicit_padding(index: int, layer: nn.Conv2d) -> tuple:
     if any(t % 2 for t in total):
         raise UnsupportedCriticError(
             f"gradient_penalty(mode='lean'): layer {index} ({layer}) uses padding='same' with an "
-            "even effective kernel, which pads asymmetrically; give explicit padding instead")
+            "even effective kernel, which pads asymmetrically; give explicit padding instead"
+        )
     return tuple(t // 2 for t in total)
 
 
 def _plan(layers: Sequence[nn.Module]) -> tuple:
     """The critic as a tuple of _Step (Identity layers dropped); raises for what it cannot do."""
     if not any(isinstance(layer, _LINEAR) for layer in layers):
-        raise UnsupportedCriticError("gradient_penalty: the critic has no Conv2d/ConvTranspose2d/Linear layer")
+        raise UnsupportedCriticError(
+            "gradient_penalty: the critic has no Conv2d/ConvTranspose2d/Linear layer"
+        )
     steps = []
     for index, layer in enumerate(layers):
         if isinstance(layer, (nn.Conv2d, nn.ConvTranspose2d)) and layer.padding_mode != "zeros":
             raise UnsupportedCriticError(
                 f"gradient_penalty(mode='lean'): layer {index} ({layer}) uses padding_mode="
-                f"{layer.padding_mode!r}; only 'zeros' is supported")
+                f"{layer.padding_mode!r}; only 'zeros' is supported"
+            )
         if isinstance(layer, nn.Conv2d):
-            steps.append(_Step(_CONV, tuple(layer.stride), _explicit_padding(index, layer),
-                               tuple(layer.dilation), layer.groups))
+            steps.append(
+                _Step(
+                    _CONV,
+                    tuple(layer.stride),
+                    _explicit_padding(index, layer),
+                    tuple(layer.dilation),
+                    layer.groups,
+                )
+            )
         elif isinstance(layer, nn.ConvTranspose2d):
-            steps.append(_Step(_CONV_TRANSPOSE, tuple(layer.stride), tuple(layer.padding),
-                               tuple(layer.dilation), layer.groups, tuple(layer.output_padding)))
+            steps.append(
+                _Step(
+                    _CONV_TRANSPOSE,
+                    tuple(layer.stride),
+                    tuple(layer.padding),
+                    tuple(layer.dilation),
+                    layer.groups,
+                    tuple(layer.output_padding),
+                )
+            )
         elif isinstance(layer, nn.Linear):
             steps.append(_Step(_DENSE))
         elif isinstance(layer, nn.LeakyReLU):
@@ -181,9 +202,10 @@ def _plan(layers: Sequence[nn.Module]) -> tuple:
             steps.append(_Step(_FLATTEN, start_dim=layer.start_dim, end_dim=layer.end_dim))
         elif not isinstance(layer, nn.Identity):
             raise UnsupportedCriticError(
-                f"gradient_penalty(mode='lean'): layer {index} ({type(layer).__name__}: {layer}) is not "
-                "piecewise-linear (supported: Conv2d, ConvTranspose2d, Linear, LeakyReLU, ReLU, "
-                "Flatten, Identity); use mode='autograd' or mode='auto'")
+                f"gradient_penalty(mode='lean'): layer {index} ({type(layer).__name__}: {layer}) "
+                "is not piecewise-linear (supported: Conv2d, ConvTranspose2d, Linear, LeakyReLU, "
+                "ReLU, Flatten, Identity); use mode='autograd' or mode='auto'"
+            )
     return tuple(steps)
 
 
@@ -198,11 +220,13 @@ def _encode(plan: tuple) -> tuple[list, list]:
 
 def _decode(codes: Sequence[int], negative_slopes: Sequence[float]) -> tuple:
     if len(codes) != _CODE_WIDTH * len(negative_slopes):
-        raise ValueError(f"lean_gradient_penalty: plan_codes must hold {_CODE_WIDTH} ints per step "
-                         f"({len(negative_slopes)} steps), got {len(codes)}")
+        raise ValueError(
+            f"lean_gradient_penalty: plan_codes must hold {_CODE_WIDTH} ints per step "
+            f"({len(negative_slopes)} steps), got {len(codes)}"
+        )
     plan = []
     for i, slope in enumerate(negative_slopes):
-        c = [int(v) for v in codes[_CODE_WIDTH * i:_CODE_WIDTH * (i + 1)]]
+        c = [int(v) for v in codes[_CODE_WIDTH * i : _CODE_WIDTH * (i + 1)]]
         if c[0] == _FLATTEN:
             plan.append(_Step(_FLATTEN, start_dim=c[1], end_dim=c[2]))
         elif c[0] == _ACTIVATION:
@@ -216,7 +240,10 @@ def _decode(codes: Sequence[int], negative_slopes: Sequence[float]) -> tuple:
 
 # --- the linear maps ---------------------------------------------------------------------
 
-def _linear(step: _Step, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+
+def _linear(
+    step: _Step, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
+) -> torch.Tensor:
     """The layer applied to x with explicit weight and bias (None: the bias-free linear map).
 
     The weight is cast to x's dtype: under autocast the forward ran in bf16/fp16, and the
@@ -227,20 +254,33 @@ def _linear(step: _Step, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tens
     if step.kind == _CONV:
         return F.conv2d(x, weight, bias, step.stride, step.padding, step.dilation, step.groups)
     if step.kind == _CONV_TRANSPOSE:
-        return F.conv_transpose2d(x, weight, bias, step.stride, step.padding, step.output_padding,
-                                  step.groups, step.dilation)
+        return F.conv_transpose2d(
+            x,
+            weight,
+            bias,
+            step.stride,
+            step.padding,
+            step.output_padding,
+            step.groups,
+            step.dilation,
+        )
     return F.linear(x, weight, bias)
 
 
-def _adjoint(step: _Step, weight: torch.Tensor, grad_out: torch.Tensor, input_shape) -> torch.Tensor:
+def _adjoint(
+    step: _Step, weight: torch.Tensor, grad_out: torch.Tensor, input_shape
+) -> torch.Tensor:
     """W^T grad_out: the layer's input gradient, which does not depend on its input."""
     weight = weight.to(grad_out.dtype)
     if step.kind == _CONV:
-        return torch.nn.grad.conv2d_input(input_shape, weight, grad_out, step.stride, step.padding,
-                                          step.dilation, step.groups)
+        return torch.nn.grad.conv2d_input(
+            input_shape, weight, grad_out, step.stride, step.padding, step.dilation, step.groups
+        )
     if step.kind == _CONV_TRANSPOSE:
         # conv_transpose2d is the adjoint of conv2d with the same weight, so its adjoint is conv2d.
-        return F.conv2d(grad_out, weight, None, step.stride, step.padding, step.dilation, step.groups)
+        return F.conv2d(
+            grad_out, weight, None, step.stride, step.padding, step.dilation, step.groups
+        )
     return grad_out @ weight
 
 
@@ -267,7 +307,7 @@ def _in_batch_slices(fn, x: torch.Tensor) -> torch.Tensor:
     out[:first_step] = first
     del first
     for start in range(first_step, x.shape[0], step):
-        out[start:start + step] = fn(x[start:start + step])
+        out[start : start + step] = fn(x[start : start + step])
     return out
 
 
@@ -278,20 +318,31 @@ def _in_batch_slices(fn, x: torch.Tensor) -> torch.Tensor:
 _WEIGHT_GRAD_SLICE_BYTES = 8 * 2**20
 
 
-def _weight_grad_rows(step: _Step, weight_shape, t: torch.Tensor, b: torch.Tensor, lo: int,
-                      hi: int) -> torch.Tensor:
+def _weight_grad_rows(
+    step: _Step, weight_shape, t: torch.Tensor, b: torch.Tensor, lo: int, hi: int
+) -> torch.Tensor:
     """Rows [lo, hi) of d<b, W t>/dW: the weight-gradient correlation of input t with b."""
     if step.kind == _CONV:
-        return torch.nn.grad.conv2d_weight(t, (hi - lo, *weight_shape[1:]), b[:, lo:hi], step.stride,
-                                           step.padding, step.dilation, step.groups)
+        return torch.nn.grad.conv2d_weight(
+            t,
+            (hi - lo, *weight_shape[1:]),
+            b[:, lo:hi],
+            step.stride,
+            step.padding,
+            step.dilation,
+            step.groups,
+        )
     if step.kind == _CONV_TRANSPOSE:
         # <b, conv_transpose(t; W)> = <conv2d(b; W), t>: the roles of input and gradient swap.
-        return torch.nn.grad.conv2d_weight(b, weight_shape, t, step.stride, step.padding,
-                                           step.dilation, step.groups)
+        return torch.nn.grad.conv2d_weight(
+            b, weight_shape, t, step.stride, step.padding, step.dilation, step.groups
+        )
     return b[..., lo:hi].reshape(-1, hi - lo).t() @ t.reshape(-1, t.shape[-1])
 
 
-def _weight_gradient(step: _Step, weight: torch.Tensor, t: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+def _weight_gradient(
+    step: _Step, weight: torch.Tensor, t: torch.Tensor, b: torch.Tensor
+) -> torch.Tensor:
     """d<b, W t>/dW in the weight's dtype, built in output-channel and batch slices.
 
     Slicing bounds the transients (the correlation's result and oneDNN's operand copies,
@@ -301,8 +352,9 @@ def _weight_gradient(step: _Step, weight: torch.Tensor, t: torch.Tensor, b: torc
     sliceable = step.kind in (_CONV, _DENSE) and step.groups == 1
     n_slices = 1
     if sliceable:
-        n_slices = min(weight.shape[0],
-                       -(-weight.numel() * weight.element_size() // _WEIGHT_GRAD_SLICE_BYTES))
+        n_slices = min(
+            weight.shape[0], -(-weight.numel() * weight.element_size() // _WEIGHT_GRAD_SLICE_BYTES)
+        )
     if n_slices > 1 and step.kind == _CONV:
         return _conv_weight_gradient_by_gemm(step, weight, t, b)
     per_sample = b[:1].numel() * b.element_size()
@@ -315,14 +367,15 @@ def _weight_gradient(step: _Step, weight: torch.Tensor, t: torch.Tensor, b: torc
     bounds = [i * (n_rows // n_slices) + min(i, n_rows % n_slices) for i in range(n_slices + 1)]
     rows = list(zip(bounds[:-1], bounds[1:]))
     for start in range(0, b.shape[0], batch_step):
-        t_part, b_part = t[start:start + batch_step], b[start:start + batch_step]
+        t_part, b_part = t[start : start + batch_step], b[start : start + batch_step]
         for lo, hi in rows:
             grad[lo:hi].add_(_weight_grad_rows(step, weight.shape, t_part, b_part, lo, hi))
     return grad
 
 
-def _conv_weight_gradient_by_gemm(step: _Step, weight: torch.Tensor, t: torch.Tensor,
-                                  b: torch.Tensor) -> torch.Tensor:
+def _conv_weight_gradient_by_gemm(
+    step: _Step, weight: torch.Tensor, t: torch.Tensor, b: torch.Tensor
+) -> torch.Tensor:
     """A large Conv2d weight gradient accumulated by GEMMs straight into its buffer.
 
     dW[o, (c, i, j)] = sum over samples n and output positions l of b[n, o, l] * U[n, (c, i, j), l],
@@ -339,8 +392,8 @@ def _conv_weight_gradient_by_gemm(step: _Step, weight: torch.Tensor, t: torch.Te
     per_sample = grad_matrix.shape[1] * positions * weight.element_size() * 2
     batch_step = max(1, _BATCH_SLICE_BYTES // max(per_sample, 1))
     for start in range(0, b.shape[0], batch_step):
-        t_part = t[start:start + batch_step].to(weight.dtype)
-        b_part = b[start:start + batch_step].to(weight.dtype)
+        t_part = t[start : start + batch_step].to(weight.dtype)
+        b_part = b[start : start + batch_step].to(weight.dtype)
         columns = F.unfold(t_part, weight.shape[2:], step.dilation, step.padding, step.stride)
         columns = columns.transpose(1, 2).reshape(-1, columns.shape[1])  # [n * L, C * kh * kw]
         rows = b_part.transpose(0, 1).reshape(out_channels, -1)  # [O, n * L]
@@ -349,6 +402,7 @@ def _conv_weight_gradient_by_gemm(step: _Step, weight: torch.Tensor, t: torch.Te
 
 
 # --- the two passes ------------------------------------------------------------------------
+
 
 class _Saved:
     """What the tangent pass needs from the forward; entries are dropped as they are used."""
@@ -359,8 +413,14 @@ class _Saved:
         self.slope_bits = slope_bits  # packed bits, one per activation step, in order
 
 
-def _lean_forward(plan: tuple, x_hat: torch.Tensor, weights: Sequence[torch.Tensor],
-                  biases: Sequence[torch.Tensor | None], target: float, weight: float):
+def _lean_forward(
+    plan: tuple,
+    x_hat: torch.Tensor,
+    weights: Sequence[torch.Tensor],
+    biases: Sequence[torch.Tensor | None],
+    target: float,
+    weight: float,
+):
     """(gp, _Saved): the critic forward, the backward from its output with ones, the penalty."""
     shapes, slope_bits = [], []
     with torch.no_grad():
@@ -372,7 +432,9 @@ def _lean_forward(plan: tuple, x_hat: torch.Tensor, weights: Sequence[torch.Tens
                 slope_bits.append(bits)
             elif step.kind in _LINEAR_KINDS:
                 w, bias = weights[linear_index], biases[linear_index]
-                a = _in_batch_slices(lambda x, step=step, w=w, bias=bias: _linear(step, x, w, bias), a)
+                a = _in_batch_slices(
+                    lambda x, step=step, w=w, bias=bias: _linear(step, x, w, bias), a
+                )
                 linear_index += 1
             else:
                 a = a.flatten(step.start_dim, step.end_dim)
@@ -393,21 +455,28 @@ def _lean_forward(plan: tuple, x_hat: torch.Tensor, weights: Sequence[torch.Tens
                 output_grads[linear_index] = grad
                 w, shape = weights[linear_index], shapes[index]
                 grad = _in_batch_slices(
-                    lambda g, step=step, w=w, shape=shape: _adjoint(step, w, g, (g.shape[0], *shape[1:])),
-                    grad)
+                    lambda g, step=step, w=w, shape=shape: _adjoint(
+                        step, w, g, (g.shape[0], *shape[1:])
+                    ),
+                    grad,
+                )
             else:  # Flatten: a reshape
                 grad = grad.reshape(shapes[index])
         gp, u = penalty_terms(grad, target, weight)
     return gp, _Saved(u, output_grads, slope_bits)
 
 
-_FREED = ("gradient_penalty(mode='lean'): backward through the penalty a second time; the lean "
-          "penalty frees what its backward needs as it goes, even with retain_graph=True. "
-          "Compute the penalty again, or use mode='autograd' to backward through it twice.")
+_FREED = (
+    "gradient_penalty(mode='lean'): backward through the penalty a second time; the lean "
+    "penalty frees what its backward needs as it goes, even with retain_graph=True. "
+    "Compute the penalty again, or use mode='autograd' to backward through it twice."
+)
 
 
-_NOT_TWICE = ("gradient_penalty(mode='lean') cannot be differentiated twice (create_graph=True): "
-              "its backward is the hand-written tangent pass; use mode='autograd' for that.")
+_NOT_TWICE = (
+    "gradient_penalty(mode='lean') cannot be differentiated twice (create_graph=True): "
+    "its backward is the hand-written tangent pass; use mode='autograd' for that."
+)
 
 
 class _TangentPass:
@@ -428,8 +497,14 @@ class _TangentPass:
             if s.kind == _ACTIVATION:
                 self.bits_index[i] = len(self.bits_index)
 
-    def step(self, k: int, incoming: torch.Tensor, weight: torch.Tensor, need_weight_grad: bool,
-             need_next: bool):
+    def step(
+        self,
+        k: int,
+        incoming: torch.Tensor,
+        weight: torch.Tensor,
+        need_weight_grad: bool,
+        need_next: bool,
+    ):
         saved = self.saved
         if saved.output_grads[k] is None or (k == 0 and saved.u is None):
             raise RuntimeError(_FREED)
@@ -447,7 +522,9 @@ class _TangentPass:
                 step = self.plan[i]
                 if step.kind == _ACTIVATION:
                     j = self.bits_index[i]
-                    tangent = scale_by_slope_bits_(tangent, saved.slope_bits[j], step.negative_slope)
+                    tangent = scale_by_slope_bits_(
+                        tangent, saved.slope_bits[j], step.negative_slope
+                    )
                     saved.slope_bits[j] = None
                 else:
                     tangent = tangent.flatten(step.start_dim, step.end_dim)
@@ -471,7 +548,9 @@ class _TangentPass:
                 next_tangent = _in_batch_slices(lambda t: _linear(step, t, weight, None), tangent)
         return next_tangent, weight_grad
 
-    def run(self, grad_gp: torch.Tensor, weights: Sequence[torch.Tensor], needs_grad: Sequence[bool]) -> list:
+    def run(
+        self, grad_gp: torch.Tensor, weights: Sequence[torch.Tensor], needs_grad: Sequence[bool]
+    ) -> list:
         """Every layer in turn: d gp / d W_k for each weight (None where not needed)."""
         grads, tangent = [], grad_gp
         last_needed = max((k for k, need in enumerate(needs_grad) if need), default=-1)
@@ -512,7 +591,8 @@ class _LeanLayerNode(torch.autograd.Function):
             raise RuntimeError(_NOT_TWICE)
         (weight,) = ctx.saved_tensors
         next_tangent, weight_grad = ctx.tangent_pass.step(
-            ctx.k, incoming, weight, ctx.needs_input_grad[3], ctx.needs_input_grad[0])
+            ctx.k, incoming, weight, ctx.needs_input_grad[3], ctx.needs_input_grad[0]
+        )
         bias_grad = None
         if ctx.needs_input_grad[4]:
             bias_grad = torch.zeros(ctx.bias_shape, dtype=weight.dtype, device=weight.device)
@@ -549,32 +629,44 @@ def _lean_penalty_eager(plan, x_hat, weights, biases, target, weight):
 
 # --- torch.compile: the same passes as one torch.library op --------------------------------
 
+
 @torch.library.custom_op("vcfast::lean_gradient_penalty", mutates_args=())
-def _lean_gradient_penalty_op(x_hat: torch.Tensor, weights: list[torch.Tensor],
-                              biases: list[torch.Tensor], bias_layers: list[int],
-                              plan_codes: list[int], negative_slopes: list[float], target: float,
-                              weight: float) -> tuple[torch.Tensor, torch.Tensor, list[torch.Tensor],
-                                                      list[torch.Tensor]]:
+def _lean_gradient_penalty_op(
+    x_hat: torch.Tensor,
+    weights: list[torch.Tensor],
+    biases: list[torch.Tensor],
+    bias_layers: list[int],
+    plan_codes: list[int],
+    negative_slopes: list[float],
+    target: float,
+    weight: float,
+) -> tuple[torch.Tensor, torch.Tensor, list[torch.Tensor], list[torch.Tensor]]:
     """(gp, u, b_k per linear step, slope bits per activation step); see the module doc.
 
     ``weights``: one per linear step; ``biases[i]`` belongs to linear step ``bias_layers[i]``
     (layers without a bias are left out).
     """
-    return _lean_op_outputs(x_hat, weights, biases, bias_layers, plan_codes, negative_slopes,
-                            target, weight)
+    return _lean_op_outputs(
+        x_hat, weights, biases, bias_layers, plan_codes, negative_slopes, target, weight
+    )
 
 
-def _lean_op_outputs(x_hat, weights, biases, bias_layers, plan_codes, negative_slopes, target, weight):
+def _lean_op_outputs(
+    x_hat, weights, biases, bias_layers, plan_codes, negative_slopes, target, weight
+):
     plan = _decode(plan_codes, negative_slopes)
-    gp, saved = _lean_forward(plan, x_hat, weights, _per_layer(biases, bias_layers, len(weights)),
-                              target, weight)
+    gp, saved = _lean_forward(
+        plan, x_hat, weights, _per_layer(biases, bias_layers, len(weights)), target, weight
+    )
     return gp, saved.u, list(saved.output_grads), list(saved.slope_bits)
 
 
 def _per_layer(biases, bias_layers, n_layers) -> list:
     if len(biases) != len(bias_layers) or any(not 0 <= k < n_layers for k in bias_layers):
-        raise ValueError(f"lean_gradient_penalty: bias_layers {list(bias_layers)} must give a linear "
-                         f"step (0..{n_layers - 1}) for each of the {len(biases)} biases")
+        raise ValueError(
+            f"lean_gradient_penalty: bias_layers {list(bias_layers)} must give a linear "
+            f"step (0..{n_layers - 1}) for each of the {len(biases)} biases"
+        )
     per_layer = [None] * n_layers
     for bias, k in zip(biases, bias_layers):
         per_layer[k] = bias
@@ -582,11 +674,13 @@ def _per_layer(biases, bias_layers, n_layers) -> list:
 
 
 @_lean_gradient_penalty_op.register_fake
-def _lean_gradient_penalty_fake(x_hat, weights, biases, bias_layers, plan_codes, negative_slopes,
-                                target, weight):
+def _lean_gradient_penalty_fake(
+    x_hat, weights, biases, bias_layers, plan_codes, negative_slopes, target, weight
+):
     # Every op the passes call has a fake, so the passes themselves size the outputs.
-    return _lean_op_outputs(x_hat, weights, biases, bias_layers, plan_codes, negative_slopes,
-                            target, weight)
+    return _lean_op_outputs(
+        x_hat, weights, biases, bias_layers, plan_codes, negative_slopes, target, weight
+    )
 
 
 def _op_setup_context(ctx, inputs, output):
@@ -596,8 +690,10 @@ def _op_setup_context(ctx, inputs, output):
     ctx.counts = (len(weights), len(output_grads))
     ctx.needs_grad = [w.requires_grad for w in weights]
     connected = _connected_biases(ctx.plan, _per_layer(biases, bias_layers, len(weights)))
-    ctx.zero_bias_grads = [(b.shape, b.dtype, b.device) if b.requires_grad and connected[k] is not None
-                           else None for b, k in zip(biases, bias_layers)]
+    ctx.zero_bias_grads = [
+        (b.shape, b.dtype, b.device) if b.requires_grad and connected[k] is not None else None
+        for b, k in zip(biases, bias_layers)
+    ]
     ctx.save_for_backward(*weights, u, *output_grads, *slope_bits)
 
 
@@ -605,11 +701,15 @@ def _op_backward(ctx, grad_gp, grad_u, grad_output_grads, grad_slope_bits):
     n_weights, n_linear = ctx.counts
     tensors = list(ctx.saved_tensors)
     weights, u = tensors[:n_weights], tensors[n_weights]
-    saved = _Saved(u, tensors[n_weights + 1:n_weights + 1 + n_linear], tensors[n_weights + 1 + n_linear:])
+    saved = _Saved(
+        u, tensors[n_weights + 1 : n_weights + 1 + n_linear], tensors[n_weights + 1 + n_linear :]
+    )
     del tensors
     grads = _TangentPass(ctx.plan, saved).run(grad_gp, weights, ctx.needs_grad)
-    bias_grads = [None if meta is None else torch.zeros(meta[0], dtype=meta[1], device=meta[2])
-                  for meta in ctx.zero_bias_grads]
+    bias_grads = [
+        None if meta is None else torch.zeros(meta[0], dtype=meta[1], device=meta[2])
+        for meta in ctx.zero_bias_grads
+    ]
     return None, grads, bias_grads, None, None, None, None, None
 
 
@@ -627,29 +727,48 @@ def _lean_penalty(layers: Sequence[nn.Module], x_hat: torch.Tensor, target: floa
         codes, slopes = _encode(plan)
         bias_layers = [k for k, bias in enumerate(biases) if bias is not None]
         gp, *_ = torch.ops.vcfast.lean_gradient_penalty(
-            x_hat, weights, [biases[k] for k in bias_layers], bias_layers, codes, slopes,
-            float(target), float(weight))
+            x_hat,
+            weights,
+            [biases[k] for k in bias_layers],
+            bias_layers,
+            codes,
+            slopes,
+            float(target),
+            float(weight),
+        )
         return gp
     return _lean_penalty_eager(plan, x_hat, weights, biases, float(target), float(weight))
 
 
-def interpolate(x_real: torch.Tensor, x_fake: torch.Tensor, eps: torch.Tensor | None = None,
-                generator: torch.Generator | None = None) -> torch.Tensor:
+def interpolate(
+    x_real: torch.Tensor,
+    x_fake: torch.Tensor,
+    eps: torch.Tensor | None = None,
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:
     """x_hat = eps * x_real + (1 - eps) * x_fake with eps ~ U(0, 1) per sample (detached)."""
     if x_real.shape != x_fake.shape:
-        raise ValueError(f"gradient_penalty: x_real {tuple(x_real.shape)} and x_fake "
-                         f"{tuple(x_fake.shape)} must have the same shape")
+        raise ValueError(
+            f"gradient_penalty: x_real {tuple(x_real.shape)} and x_fake "
+            f"{tuple(x_fake.shape)} must have the same shape"
+        )
     n = x_real.shape[0]
     if eps is None:
-        eps = torch.rand(n, generator=generator, device="cpu" if generator is not None else x_real.device,
-                         dtype=x_real.dtype).to(x_real.device)
+        eps = torch.rand(
+            n,
+            generator=generator,
+            device="cpu" if generator is not None else x_real.device,
+            dtype=x_real.dtype,
+        ).to(x_real.device)
     eps = torch.as_tensor(eps, dtype=x_real.dtype, device=x_real.device)
     if eps.numel() == 1:
         eps = eps.reshape(1).expand(n)
     if eps.numel() != n:
-        raise ValueError(f"gradient_penalty: eps must have one value per sample ({n}), got {eps.numel()}")
+        raise ValueError(
+            f"gradient_penalty: eps must have one value per sample ({n}), got {eps.numel()}"
+        )
     eps = eps.reshape(n, *([1] * (x_real.dim() - 1)))
-    return (eps * x_real.detach() + (1 - eps) * x_fake.detach())
+    return eps * x_real.detach() + (1 - eps) * x_fake.detach()
 
 
 def _autograd_penalty(critic_fn, x_hat: torch.Tensor, target: float, weight: float) -> torch.Tensor:
@@ -725,11 +844,15 @@ def gradient_penalty(
     if mode not in _MODES:
         raise ValueError(f"gradient_penalty: mode must be one of {_MODES}, got {mode!r}")
     if not isinstance(critic, nn.Module):
-        raise TypeError(f"gradient_penalty: critic must be an nn.Module, got {type(critic).__name__}")
+        raise TypeError(
+            f"gradient_penalty: critic must be an nn.Module, got {type(critic).__name__}"
+        )
     module, ddp = _unwrap_critic(critic)
     x_hat = interpolate(x_real, x_fake, eps, generator)
     if mode == "autograd":
-        return _through_ddp(ddp, lambda: _autograd_penalty(_penalised_function(module), x_hat, target, weight))
+        return _through_ddp(
+            ddp, lambda: _autograd_penalty(_penalised_function(module), x_hat, target, weight)
+        )
     try:
         layers = gradient_penalty_layers(module)
         _plan(layers)
@@ -738,7 +861,11 @@ def gradient_penalty(
             raise
         global _warned_auto
         if not _warned_auto:
-            warnings.warn(f"{exc}; gradient_penalty(mode='auto') falls back to autograd", stacklevel=2)
+            warnings.warn(
+                f"{exc}; gradient_penalty(mode='auto') falls back to autograd", stacklevel=2
+            )
             _warned_auto = True
-        return _through_ddp(ddp, lambda: _autograd_penalty(_penalised_function(module), x_hat, target, weight))
+        return _through_ddp(
+            ddp, lambda: _autograd_penalty(_penalised_function(module), x_hat, target, weight)
+        )
     return _through_ddp(ddp, lambda: _lean_penalty(layers, x_hat, target, weight))
