@@ -63,8 +63,11 @@ sources = ["csrc/ops.cpp"] + sorted(glob.glob("csrc/cpu/*.cpp"))
 
 reason = _cuda_build_reason()
 if reason is None:
-    # Consumer GPUs (Turing, Ampere, Ada, Blackwell) plus A100/H100; PTX for newer ones.
-    os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "7.5;8.0;8.6;8.9;9.0;12.0+PTX")
+    # Consumer GPUs (Turing, Ampere, Ada, Blackwell) plus A100/H100 as SASS. PTX for the
+    # lowest (compute_75) and the highest (compute_120): the driver JIT-compiles PTX only for
+    # an architecture at or above the PTX's, so with compute_120 alone sm_100 (B200) and any
+    # other GPU between 9.0 and 12.0 would find no kernel at all; compute_75 runs on each.
+    os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "7.5+PTX;8.0;8.6;8.9;9.0;12.0+PTX")
     sources += sorted(glob.glob("csrc/cuda/*.cu")) + sorted(glob.glob("csrc/cuda/*.cpp"))
     extension = cpp_extension.CUDAExtension(
         "vcfast._C",
