@@ -25,7 +25,9 @@ to (dL/dre, dL/dim) in the epilogue and writes them to two [M, n_bins] buffers; 
 GEMM forms dL/dframes = g_re @ basis_cos^T + g_im @ basis_sin^T ([M, n_fft], one tile at a
 time, never stored) and overlap-adds it into the waveform gradient with ``tl.atomic_add``
 (each sample is hit by ceil(n_fft / hop) frames: 4 for stargan_vc, so contention is low; the
-float32 sum order, hence the last bits, is not deterministic).
+float32 sum order, hence the last bits, is not deterministic). Under
+``torch.use_deterministic_algorithms(True)`` the kernel stores dL/dframes ([M, n_fft], the one
+spectrum-sized buffer of that mode) and the host adds the frames up in a fixed order.
 
 float32 square roots and divisions are IEEE round-to-nearest (``tl.sqrt_rn``, ``tl.div_rn``):
 ``tl.sqrt`` and ``/`` compile to ``sqrt.approx.ftz.f32`` and ``div.full.f32`` (approximate, and
@@ -266,10 +268,14 @@ def _log_spectrogram_bwd_spec_kernel(
 def _log_spectrogram_bwd_overlap_add_kernel(
     gre_ptr, gim_ptr, cos_t_ptr, sin_t_ptr, grad_wave_ptr,
     M, n_frames, hop, K, NB, T,
-    PRECISION: tl.constexpr, IS_FP64: tl.constexpr,
+    PRECISION: tl.constexpr, IS_FP64: tl.constexpr, STORE_FRAMES: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     """Backward step 2: a [BLOCK_M frames x BLOCK_N samples] tile of dL/dframes, overlap-added.
+
+    With STORE_FRAMES (torch.use_deterministic_algorithms(True)) the tile is stored instead into
+    grad_wave_ptr taken as a contiguous [M, K] frames buffer, and the host overlap-adds the
+    frames in a fixed order: float atomics add in whatever order the programs run.
 
     Since re = frame @ basis_cos and im = frame @ basis_sin (window folded in, basis_sin
     carrying the minus sign),
@@ -306,5 +312,9 @@ def _log_spectrogram_bwd_overlap_add_kernel(
         acc = _dot_acc(a_re, bc, acc, PRECISION, IS_FP64)
         acc = _dot_acc(a_im, bs, acc, PRECISION, IS_FP64)
 
-    dst = b[:, None] * T + f[:, None] * hop + offs_n[None, :]
-    tl.atomic_add(grad_wave_ptr + dst, acc, mask=m_mask[:, None] & n_mask[None, :], sem="relaxed")
+    tile_mask = m_mask[:, None] & n_mask[None, :]
+    if STORE_FRAMES:
+        tl.store(grad_wave_ptr + offs_m[:, None] * K + offs_n[None, :], acc, mask=tile_mask)
+    else:
+        dst = b[:, None] * T + f[:, None] * hop + offs_n[None, :]
+        tl.atomic_add(grad_wave_ptr + dst, acc, mask=tile_mask, sem="relaxed")

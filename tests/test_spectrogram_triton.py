@@ -379,3 +379,55 @@ def test_params_table_is_built_once_per_values_and_device():
     assert b is not a and b[2].signbit()
     c = st._params(1.0, 2.0, 0.0, 1e-5, -1.0, 1.0, like.double())
     assert c is not a and c.dtype == torch.float64 and c[3].item() == 1e-5
+
+
+def test_overlap_add_matches_a_loop_over_frames():
+    if st._kernels is None:
+        pytest.skip(st.TRITON_IMPORT_ERROR)
+    for n_fft, hop, n_frames, samples in ((32, 8, 5, 70), (64, 24, 4, 150), (16, 16, 3, 48),
+                                          (16, 40, 3, 100)):
+        frames = wave((2, n_frames * n_fft), torch.float64).view(2, n_frames, n_fft)
+        expected = torch.zeros(2, samples, dtype=torch.float64)
+        for f in range(n_frames):
+            expected[:, f * hop:f * hop + n_fft] += frames[:, f]
+        out = torch.zeros(2, samples, dtype=torch.float64)
+        st._overlap_add(frames, hop, out)
+        torch.testing.assert_close(out, expected, rtol=1e-15, atol=1e-15)
+
+
+@needs_interpreter
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["float32", "float64"])
+def test_deterministic_mode_backward_stores_frames(monkeypatch, dtype):
+    """Under torch.use_deterministic_algorithms(True) the overlap-add runs without atomics
+    (STORE_FRAMES, then _overlap_add) and gives the atomic path's gradient."""
+    launched = []
+    real_wrap = torch.library.wrap_triton
+
+    def recording(kernel):
+        launcher = real_wrap(kernel)
+
+        class Grid:
+            def __getitem__(self, grid):
+                def launch(*args, **kwargs):
+                    if "STORE_FRAMES" in kwargs:
+                        launched.append(kwargs["STORE_FRAMES"])
+                    return launcher[grid](*args, **kwargs)
+                return launch
+        return Grid()
+
+    monkeypatch.setattr(torch.library, "wrap_triton", recording)
+    over = dict(n_fft=64, hop=24, magnitude_scale=16.0, bin_lo=1, bin_hi=20)
+    grads = []
+    for deterministic in (False, True):
+        x = wave((2, 300), dtype).requires_grad_()
+        previous = torch.are_deterministic_algorithms_enabled()
+        torch.use_deterministic_algorithms(deterministic)
+        try:
+            vcfast.log_spectrogram(x, backend="triton", **over).square().sum().backward()
+        finally:
+            torch.use_deterministic_algorithms(previous)
+        grads.append(x.grad)
+    assert launched == [False, True]
+    tol = dict(rtol=1e-12, atol=1e-12) if dtype == torch.float64 else dict(rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(grads[1], grads[0], **tol)
+    assert grads[1].abs().sum() > 0

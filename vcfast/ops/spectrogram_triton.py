@@ -5,7 +5,10 @@ of a 1024-point frame), so the DFT of just those bins is a dense [B*n_frames, n_
 [n_fft, n_bins] product (cos and sin halves, window folded into the basis) that runs on
 tensor cores, reads frames straight out of the waveform (never materialised) and fuses the
 whole per-bin chain (magnitude, power, log offset/floor, log, normalisation, clip) into its
-epilogue: no spectrum-sized tensor is ever allocated, in the forward or in the backward.
+epilogue: no spectrum-sized tensor is ever allocated, in the forward or in the backward
+(except under ``torch.use_deterministic_algorithms(True)``: the backward then stores the
+[B*n_frames, n_fft] frame gradients and overlap-adds them in a fixed order, where it otherwise
+adds them into the waveform gradient with float atomics, whose order varies from run to run).
 The kernels and their math are in ``vcfast/kernels/spectrogram.py``.
 
 Ops (both ``torch.library.triton_op``, so torch.compile can see and fuse the kernels):
@@ -243,6 +246,10 @@ def _backward_impl(grad: Tensor, wave: Tensor, window: Tensor, shift: Tensor, sc
                          f"got {tuple(grad.shape)}")
     torch._check(grad.dtype == wave.dtype and grad.device == wave.device,
                  lambda: "grad must match wave's dtype and device")
+    # Float atomics add in whatever order the programs run: under
+    # torch.use_deterministic_algorithms(True) the kernel stores the frames' gradients and
+    # _overlap_add sums them in a fixed order instead.
+    deterministic = torch.are_deterministic_algorithms_enabled()
     grad_wave = torch.zeros((batch, samples), dtype=wave.dtype, device=wave.device)
     if m_rows == 0:
         return grad_wave
@@ -274,13 +281,33 @@ def _backward_impl(grad: Tensor, wave: Tensor, window: Tensor, shift: Tensor, sc
     check_grid(_BWD_NAME, grid)
     # The overlap-add GEMM reads basis^T: transposed copies make its tiles load contiguously.
     cos_t, sin_t = basis_cos.t().contiguous(), basis_sin.t().contiguous()
+    target = wave.new_empty((m_rows, n_fft)) if deterministic else grad_wave
     with launch_device(wave):
         torch.library.wrap_triton(_kernels._log_spectrogram_bwd_overlap_add_kernel)[grid](
-            g_re, g_im, cos_t, sin_t, grad_wave, m_rows, n_frames, hop, n_fft, n_bins, samples,
-            PRECISION=code, IS_FP64=is_fp64, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk,
-            num_warps=_NUM_WARPS,
+            g_re, g_im, cos_t, sin_t, target, m_rows, n_frames, hop, n_fft, n_bins, samples,
+            PRECISION=code, IS_FP64=is_fp64, STORE_FRAMES=deterministic, BLOCK_M=bm, BLOCK_N=bn,
+            BLOCK_K=bk, num_warps=_NUM_WARPS,
         )
+    if deterministic:
+        _overlap_add(target.view(batch, n_frames, n_fft), hop, grad_wave)
     return grad_wave
+
+
+def _overlap_add(frames: Tensor, hop: int, out: Tensor) -> None:
+    """out[b, f*hop + n] += frames[b, f, n] in a fixed order (deterministic, no atomics).
+
+    Frame f's samples [r*hop, (r+1)*hop) land in hop-wide slot f + r of the output, so one
+    strided add per r in 0..ceil(n_fft / hop) - 1 covers every frame at once (4 adds for
+    stargan_vc); the buffer is padded to whole slots and cropped to ``out``.
+    """
+    batch, n_frames, n_fft = frames.shape
+    n_shifts = -(-n_fft // hop)
+    slots = frames.new_zeros((batch, n_frames + n_shifts, hop))
+    for r in range(n_shifts):
+        width = min(hop, n_fft - r * hop)
+        slots[:, r:r + n_frames, :width] += frames[:, :, r * hop:r * hop + width]
+    used = min(out.shape[1], slots.shape[1] * hop)
+    out[:, :used] += slots.view(batch, -1)[:, :used]
 
 
 def aot_launch_configs() -> list[dict]:
@@ -326,14 +353,15 @@ def aot_launch_configs() -> list[dict]:
                     add("_log_spectrogram_bwd_spec_kernel", spec_ptrs, dtype,
                         heaviest and has_clip, POWER_MODE=power, HAS_CLIP=has_clip, **flags,
                         **default)
-            add("_log_spectrogram_bwd_overlap_add_kernel", oa_ptrs, dtype, True, **flags,
-                **default)
+            for store_frames in (False, True):  # True: deterministic mode
+                add("_log_spectrogram_bwd_overlap_add_kernel", oa_ptrs, dtype, not store_frames,
+                    STORE_FRAMES=store_frames, **flags, **default)
             add("_log_spectrogram_fwd_kernel", fwd_ptrs, dtype, False,
                 POWER_MODE=k.POWER_GENERAL, **flags, **smallest)
             add("_log_spectrogram_bwd_spec_kernel", spec_ptrs, dtype, False,
                 POWER_MODE=k.POWER_GENERAL, HAS_CLIP=True, **flags, **smallest)
-            add("_log_spectrogram_bwd_overlap_add_kernel", oa_ptrs, dtype, False, **flags,
-                **smallest)
+            add("_log_spectrogram_bwd_overlap_add_kernel", oa_ptrs, dtype, False,
+                STORE_FRAMES=False, **flags, **smallest)
     return configs
 
 
