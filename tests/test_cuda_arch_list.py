@@ -7,8 +7,8 @@ TORCH_CUDA_ARCH_LIST therefore also ships PTX for its lowest architecture.
 """
 
 import os
-import re
 import pathlib
+import re
 
 import pytest
 
