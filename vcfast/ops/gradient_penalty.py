@@ -716,8 +716,9 @@ def _op_backward(ctx, grad_gp, grad_u, grad_output_grads, grad_slope_bits):
 _lean_gradient_penalty_op.register_autograd(_op_backward, setup_context=_op_setup_context)
 
 
-def _lean_penalty(layers: Sequence[nn.Module], x_hat: torch.Tensor, target: float, weight: float):
-    plan = _plan(layers)
+def _lean_penalty(
+    plan: tuple, layers: Sequence[nn.Module], x_hat: torch.Tensor, target: float, weight: float
+):
     linear_layers = [layer for layer in layers if isinstance(layer, _LINEAR)]
     weights = [layer.weight for layer in linear_layers]
     # Biases shape the forward's slopes but not g: their gradient is zero or None, as
@@ -855,7 +856,7 @@ def gradient_penalty(
         )
     try:
         layers = gradient_penalty_layers(module)
-        _plan(layers)
+        plan = _plan(layers)
     except UnsupportedCriticError as exc:
         if mode == "lean":
             raise
@@ -868,4 +869,4 @@ def gradient_penalty(
         return _through_ddp(
             ddp, lambda: _autograd_penalty(_penalised_function(module), x_hat, target, weight)
         )
-    return _through_ddp(ddp, lambda: _lean_penalty(layers, x_hat, target, weight))
+    return _through_ddp(ddp, lambda: _lean_penalty(plan, layers, x_hat, target, weight))
