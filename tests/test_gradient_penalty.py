@@ -231,3 +231,15 @@ def test_bf16_autocast_matches_autograd_loosely():
 
 def test_public_exports():
     assert vcfast.gradient_penalty is gradient_penalty
+
+
+def test_gemm_weight_gradient_over_batch_slices_is_exact(monkeypatch):
+    # Wide conv weights are built by GEMMs into their buffer, a batch slice at a time.
+    monkeypatch.setattr(gp_module, "_WEIGHT_GRAD_SLICE_BYTES", 256)
+    monkeypatch.setattr(gp_module, "_BATCH_SLICE_BYTES", 64)
+    torch.manual_seed(7)
+    critic = nn.Sequential(nn.Conv2d(2, 6, 3, 2, 1, dilation=1), nn.LeakyReLU(0.01),
+                           nn.Conv2d(6, 4, 3, 1, 2, dilation=2), nn.LeakyReLU(0.2),
+                           nn.Flatten(), nn.Linear(4 * 4 * 4, 1)).double()
+    x = torch.randn(5, 2, 8, 8, dtype=torch.float64)
+    assert_same_as_autograd(critic, x, torch.randn_like(x), rtol=1e-10)

@@ -385,7 +385,7 @@ def _conv_weight_gradient_by_gemm(
     2048-channel layer: 1 MiB per sample against a 128 MiB weight).
     """
     out_channels = weight.shape[0]
-    grad = torch.zeros_like(weight)
+    grad = torch.empty_like(weight)  # the first slice's mm writes all of it
     grad_matrix = grad.view(out_channels, -1)
     positions = b.shape[2] * b.shape[3]
     # U and its transposed copy per sample; half of the batch-slice budget each.
@@ -397,7 +397,10 @@ def _conv_weight_gradient_by_gemm(
         columns = F.unfold(t_part, weight.shape[2:], step.dilation, step.padding, step.stride)
         columns = columns.transpose(1, 2).reshape(-1, columns.shape[1])  # [n * L, C * kh * kw]
         rows = b_part.transpose(0, 1).reshape(out_channels, -1)  # [O, n * L]
-        grad_matrix.addmm_(rows, columns)
+        if start == 0:
+            torch.mm(rows, columns, out=grad_matrix)
+        else:
+            grad_matrix.addmm_(rows, columns)
     return grad
 
 
