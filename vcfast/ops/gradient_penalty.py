@@ -15,16 +15,17 @@ of the backward itself, then runs a double backward. For a critic made of linear
 which equals autograd's double backward exactly (the slopes' own derivative is zero almost
 everywhere, and PyTorch uses the same convention at 0). It keeps one activation-sized b_k
 per linear layer plus one bit per activation element, frees t and b layer by layer, and
-calls only ordinary conv forward / input-grad / weight-grad kernels. Biases get no gradient
-from the penalty (they do not change g).
+calls only ordinary conv forward / input-grad / weight-grad kernels (and, for wide conv
+weights, GEMMs on the unfolded tangent). Biases do not change g: their gradient is zero or
+None, as autograd's double backward gives them (see _connected_biases).
 
-How the weight gradients reach autograd: the penalty is one autograd node whose inputs are
-the penalised layers' weights, and whose backward (the tangent pass) returns d gp / d W_k for
-each of them. So ``.backward()``, ``torch.autograd.grad``, ``backward(inputs=...)``, gradient
-accumulation, ``GradScaler``, hooks and DDP's reducer all see the penalty's gradients like
-any other term of the D loss. Each weight gradient is built in output-channel and batch
-slices into one buffer that autograd then accumulates (or adopts as ``.grad`` when there was
-none), and each b_k is freed as soon as its weight gradient is done.
+How the weight gradients reach autograd: each penalised linear layer is an autograd node,
+chained from gp inwards (_LeanLayerNode); node k's backward returns d gp / d W_k and hands
+the next tangent on. So ``.backward()``, ``torch.autograd.grad``, ``backward(inputs=...)``,
+gradient accumulation, ``GradScaler``, hooks and DDP's reducer all see the penalty's
+gradients like any other term of the D loss, and autograd accumulates each W_k's gradient
+(or adopts it as ``.grad`` when there was none) before the next one is made. Each b_k is
+freed as soon as its weight gradient is done.
 
 Order in a combined loss: autograd's engine runs, of the nodes ready, the one made last
 first, and a weight's gradient is accumulated only once every term of the loss has delivered
@@ -37,8 +38,9 @@ behind autograd's back). Both orders give the same gradients.
 
 Under ``torch.compile`` the same forward and tangent pass run as the torch.library op
 ``vcfast::lean_gradient_penalty`` (opaque forward, registered backward), so a whole D loss
-compiles with ``fullgraph=True``. Eager mode runs them in a plain ``torch.autograd.Function``
-so that the live-bytes tracker of vcfast/memory.py sees every tensor the passes allocate.
+compiles with ``fullgraph=True``; the compiled backward returns every weight gradient at
+once. Eager mode runs the passes in plain ``torch.autograd.Function`` nodes, so that the
+live-bytes tracker of vcfast/memory.py sees every tensor they allocate.
 
 Use :func:`gradient_penalty`; ``mode="autograd"`` is the reference (official StarGAN).
 """
