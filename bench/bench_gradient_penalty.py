@@ -13,7 +13,6 @@ import textwrap
 
 import pytest
 import torch
-
 from conftest import BENCH_THREADS, conditions, measure_extra_memory
 
 BATCH = 4
@@ -67,8 +66,9 @@ def image_size(request):
 def test_d_step(benchmark, mode, image_size):
     namespace: dict = {}
     exec(_SETUP.format(size=image_size, batch=BATCH, mode=mode), namespace)
-    benchmark.group = (f"StarGAN D step (real, fake, GP, cls, backward), paper-size D, batch {BATCH}, "
-                       f"{image_size}x{image_size}, fp32, CPU, {BENCH_THREADS} threads")
+    benchmark.group = (f"StarGAN D step (real, fake, GP, cls, backward), paper-size D, "
+                       f"batch {BATCH}, {image_size}x{image_size}, fp32, CPU, "
+                       f"{BENCH_THREADS} threads")
     benchmark.extra_info["conditions"] = conditions()
     loss = benchmark.pedantic(namespace["d_step"], rounds=3, iterations=1, warmup_rounds=1)
     assert torch.isfinite(loss)
@@ -83,8 +83,8 @@ def test_memory_table(capsys, image_size):
         rows.append((mode, step["extra"], penalty["extra"]))
     mib = 2**20
     with capsys.disabled():
-        print(f"\npeak extra memory beyond model + gradient buffers, paper-size StarGAN D, batch {BATCH}, "
-              f"{image_size}x{image_size} fp32; {conditions()}")
+        print(f"\npeak extra memory beyond model + gradient buffers, paper-size StarGAN D, "
+              f"batch {BATCH}, {image_size}x{image_size} fp32; {conditions()}")
         print(f"{'mode':<10}{'whole D step MiB':>18}{'penalty fwd+bwd MiB':>22}")
         for mode, step, penalty in rows:
             print(f"{mode:<10}{step / mib:>18.0f}{penalty / mib:>22.0f}")

@@ -30,9 +30,9 @@ import textwrap
 
 import pytest
 import torch
+from conftest import BENCH_THREADS, conditions, measure_extra_memory
 
 import vcfast  # noqa: F401  (registers the ops)
-from conftest import BENCH_THREADS, conditions, measure_extra_memory
 from vcfast import _extension
 from vcfast.memory import measure_process_peak
 

@@ -14,9 +14,9 @@ import textwrap
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import BENCH_THREADS, conditions, measure_extra_memory
 
 import vcfast  # noqa: F401  (registers the ops)
-from conftest import BENCH_THREADS, conditions, measure_extra_memory
 from vcfast import _extension
 from vcfast.ops.classification import masked_multigroup_bce, masked_multigroup_softmax_ce
 
@@ -42,7 +42,8 @@ def _data(n: int, one_hot: bool, device: str = "cpu"):
 
 
 def torch_masked_bce(logits, targets):
-    """What a user writes without vcfast: masked BCE-with-logits, per-group sums, mean over valid."""
+    """What a user writes without vcfast: masked BCE-with-logits, per-group sums, mean over
+    valid."""
     mask = targets != -1
     per_entry = F.binary_cross_entropy_with_logits(logits, targets.clamp(min=0).float(),
                                                    reduction="none") * mask
@@ -140,7 +141,8 @@ def test_extra_memory_table(capsys, loss):
     mib = 2**20
     with capsys.disabled():
         print(f"\nmasked multi-group {loss}: extra memory of forward+backward beyond the "
-              f"gradient, N={n} x C={C} fp32 (inputs {2 * n * C * 4 / mib:.1f} MiB); {conditions()}")
+              f"gradient, N={n} x C={C} fp32 (inputs {2 * n * C * 4 / mib:.1f} MiB); "
+              f"{conditions()}")
         print(f"{'impl':<18}{'extra MiB':>10}{'grad MiB':>10}")
         for impl, extra, out in rows:
             print(f"{impl:<18}{extra / mib:>10.1f}{out / mib:>10.1f}")
@@ -151,7 +153,8 @@ def test_extra_memory_table(capsys, loss):
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
-@pytest.mark.parametrize("impl", ["vcfast-triton", "vcfast-cuda", "vcfast-reference", "torch-masked"])
+@pytest.mark.parametrize("impl",
+                         ["vcfast-triton", "vcfast-cuda", "vcfast-reference", "torch-masked"])
 @pytest.mark.parametrize("n", SIZES)
 @pytest.mark.parametrize("loss", ["bce", "softmax"])
 def test_forward_backward_gpu(benchmark, loss, n, impl):

@@ -30,8 +30,8 @@ import time
 
 import pytest
 import torch
-
 from conftest import BENCH_THREADS, conditions
+
 from vcfast.estimate import (
     build_iteration,
     calibrate_conv_scratch,
@@ -39,6 +39,7 @@ from vcfast.estimate import (
     largest_batches,
     measure_iteration,
 )
+from vcfast.labels import LabelSpace
 from vcfast.memory import (
     ConvCallRecorder,
     MeasuredConvScratch,
@@ -47,7 +48,6 @@ from vcfast.memory import (
     onednn_conv_scratch,
     peak_memory,
 )
-from vcfast.labels import LabelSpace
 
 IMPLEMENTATIONS = ["reference", "vcfast"]
 BATCHES = [1, 2]
@@ -58,7 +58,8 @@ GIB, MIB = 2**30, 2**20
 def size(request) -> dict:
     """Paper size when timing; reduced when benchmarks are disabled (the smoke run)."""
     if request.config.getoption("benchmark_disable", False):
-        return dict(image_size=64, conv_dim=16, label_space=LabelSpace([("speaker", 10), ("accent", 4), ("sex", 2)]),
+        return dict(image_size=64, conv_dim=16,
+                    label_space=LabelSpace([("speaker", 10), ("accent", 4), ("sex", 2)]),
                     paper=False)
     return dict(image_size=256, conv_dim=64, label_space=None, paper=True)
 
@@ -66,7 +67,8 @@ def size(request) -> dict:
 def _describe(size: dict) -> str:
     if size["paper"]:
         return "paper size (1x256x256, conv_dim 64, 1479-wide labels)"
-    return f"reduced size (1x{size['image_size']}x{size['image_size']}, conv_dim {size['conv_dim']}, 16 classes)"
+    return (f"reduced size (1x{size['image_size']}x{size['image_size']}, "
+            f"conv_dim {size['conv_dim']}, 16 classes)")
 
 
 def _iteration(size: dict, implementation: str, batch: int):
@@ -84,8 +86,8 @@ def _load() -> str:
 @pytest.mark.parametrize("step", ["g_step", "d_step"])
 def test_step_time(benchmark, step, implementation, batch, size):
     iteration = _iteration(size, implementation, batch)
-    benchmark.group = (f"StarGAN {step.replace('_', ' ')}, {_describe(size)}, batch {batch}, fp32, CPU, "
-                       f"{BENCH_THREADS} threads")
+    benchmark.group = (f"StarGAN {step.replace('_', ' ')}, {_describe(size)}, batch {batch}, "
+                       f"fp32, CPU, {BENCH_THREADS} threads")
     benchmark.extra_info["conditions"] = conditions()
     benchmark.extra_info["load_before"] = _load()
     # the official G step at batch 2 takes over a minute on 2 cores: few rounds
@@ -110,7 +112,8 @@ def test_g_step_cpu_time_ratio(capsys, size):
             best_wall = min(best_wall, time.perf_counter() - wall0)
         rows[implementation] = (best_cpu, best_wall, _load())
     with capsys.disabled():
-        print(f"\nG step, {_describe(size)}, batch 2, fp32, CPU, {BENCH_THREADS} threads; {conditions()}")
+        print(f"\nG step, {_describe(size)}, batch 2, fp32, CPU, {BENCH_THREADS} threads; "
+              f"{conditions()}")
         print("| implementation | CPU time (s) | wall (s) | load after |")
         print("|---|---:|---:|---|")
         for implementation, (cpu, wall, load) in rows.items():
@@ -144,7 +147,8 @@ def test_memory_estimate_vs_real(capsys, size):
     The fixed model fitted on an AVX-512 CPU (workspace="onednn") and the tensors alone are
     printed beside it."""
     batches = BATCHES if size["paper"] else [2]
-    shape = dict(image_size=size["image_size"], conv_dim=size["conv_dim"], label_space=size["label_space"])
+    shape = dict(image_size=size["image_size"], conv_dim=size["conv_dim"],
+                 label_space=size["label_space"])
     start = time.perf_counter()
     calibrated = calibrate_conv_scratch(batches, IMPLEMENTATIONS, threads=BENCH_THREADS, **shape)
     calibration_seconds = time.perf_counter() - start
@@ -157,32 +161,37 @@ def test_memory_estimate_vs_real(capsys, size):
             tensors_only = estimate_iteration(batch, **kw)
             start = time.perf_counter()
             real = measure_iteration(batch, threads=BENCH_THREADS, **kw)
-            rows.append((batch, implementation, estimate, fixed, tensors_only, real, time.perf_counter() - start,
-                         _load()))
+            rows.append((batch, implementation, estimate, fixed, tensors_only, real,
+                         time.perf_counter() - start, _load()))
     with capsys.disabled():
-        print(f"\nOne training iteration, {_describe(size)}, fp32, CPU, {BENCH_THREADS} threads: memory added "
-              f"above weights + grads + optimizer state + batch (MiB); {conditions()}")
-        print(f"convolution scratch measured on this machine: {len(calibrated.measured)} distinct calls, "
-              f"{calibration_seconds:.0f} s")
-        print("| batch | implementation | D steps: estimate / real | iteration: estimate / real | error "
-              "| fixed AVX-512 scratch model: estimate, error | tensors only | total above process: estimate / real "
-              "| wall (s), load |")
+        print(f"\nOne training iteration, {_describe(size)}, fp32, CPU, {BENCH_THREADS} threads: "
+              f"memory added above weights + grads + optimizer state + batch (MiB); "
+              f"{conditions()}")
+        print(f"convolution scratch measured on this machine: {len(calibrated.measured)} distinct "
+              f"calls, {calibration_seconds:.0f} s")
+        print("| batch | implementation | D steps: estimate / real | iteration: estimate / real "
+              "| error | fixed AVX-512 scratch model: estimate, error | tensors only "
+              "| total above process: estimate / real | wall (s), load |")
         print("|---:|---|---:|---:|---:|---:|---:|---:|---|")
         for batch, implementation, est, fixed, plain, real, wall, load in rows:
             d_est = est["phases"]["d_step"] - est["baseline_bytes"]
             real_bytes = real["peak_allocated_bytes"]
-            print(f"| {batch} | {implementation} | {d_est / MIB:.0f} / {real['d_steps_allocated_bytes'] / MIB:.0f} "
+            print(f"| {batch} | {implementation} | {d_est / MIB:.0f} "
+                  f"/ {real['d_steps_allocated_bytes'] / MIB:.0f} "
                   f"| {est['peak_allocated_bytes'] / MIB:.0f} / {real_bytes / MIB:.0f} "
                   f"| {100 * _error(est['peak_allocated_bytes'], real_bytes):+.1f} % "
                   f"| {fixed['peak_allocated_bytes'] / MIB:.0f}, "
                   f"{100 * _error(fixed['peak_allocated_bytes'], real_bytes):+.1f} % "
                   f"| {plain['peak_allocated_bytes'] / MIB:.0f} "
-                  f"| {est['peak_bytes'] / MIB:.0f} / {real['peak_bytes'] / MIB:.0f} | {wall:.0f}, {load} |")
+                  f"| {est['peak_bytes'] / MIB:.0f} / {real['peak_bytes'] / MIB:.0f} "
+                  f"| {wall:.0f}, {load} |")
     assert calibrated.misses == 0  # every convolution the estimates ran had been measured
     for batch, implementation, est, _fixed, _plain, real, _wall, _load_ in rows:
-        assert real["estimated_baseline_bytes"] == est["baseline_bytes"]  # same models, state, batch
+        # same models, state, batch
+        assert real["estimated_baseline_bytes"] == est["baseline_bytes"]
         error = _error(est["peak_allocated_bytes"], real["peak_allocated_bytes"])
-        assert abs(error) <= CALIBRATED_TOLERANCE, (batch, implementation, f"{100 * error:+.1f} %", conditions())
+        assert abs(error) <= CALIBRATED_TOLERANCE, (batch, implementation, f"{100 * error:+.1f} %",
+                                                    conditions())
 
 
 _CONV_STACK = """
@@ -224,12 +233,14 @@ def test_conv_stack_memory_estimate_vs_real(capsys, memory_format):
     estimate = peak_memory(step, device=None, scratch=calibrated)["peak_allocated_bytes"]
     fixed = peak_memory(step, device=None, scratch=onednn_conv_scratch)["peak_allocated_bytes"]
     tensors_only = peak_memory(step, device=None)["peak_allocated_bytes"]
-    real = measure_process_peak(_CONV_STACK.format(memory_format=memory_format), threads=BENCH_THREADS)["extra"]
+    real = measure_process_peak(_CONV_STACK.format(memory_format=memory_format),
+                                threads=BENCH_THREADS)["extra"]
     with capsys.disabled():
-        print(f"\n3 x conv3x3, {memory_format}, batch 2, 192 x 192, fwd + bwd, MB: estimate {estimate / 1e6:.1f} "
+        print(f"\n3 x conv3x3, {memory_format}, batch 2, 192 x 192, fwd + bwd, MB: "
+              f"estimate {estimate / 1e6:.1f} "
               f"({100 * _error(estimate, real):+.1f} %), fixed AVX-512 model {fixed / 1e6:.1f} "
-              f"({100 * _error(fixed, real):+.1f} %), tensors only {tensors_only / 1e6:.1f}, real {real / 1e6:.1f}; "
-              f"{conditions()}")
+              f"({100 * _error(fixed, real):+.1f} %), tensors only {tensors_only / 1e6:.1f}, "
+              f"real {real / 1e6:.1f}; {conditions()}")
     assert calibrated.misses == 0
     assert abs(_error(estimate, real)) <= CALIBRATED_TOLERANCE, (estimate, real, conditions())
 
@@ -241,11 +252,14 @@ def test_estimator_table(benchmark, capsys, size):
     largest-batch search."""
     image_size = 256 if size["paper"] else 64
     shape = dict(image_size=image_size)
-    benchmark.group = f"iteration memory estimator (meta device), paper channels, {image_size}x{image_size}, batch 16"
-    benchmark.pedantic(lambda: estimate_iteration(16, implementation="reference", **shape), rounds=1, iterations=1)
+    benchmark.group = (f"iteration memory estimator (meta device), paper channels, "
+                       f"{image_size}x{image_size}, batch 16")
+    benchmark.pedantic(lambda: estimate_iteration(16, implementation="reference", **shape),
+                       rounds=1, iterations=1)
     configs = [(b, {}, "fp32") for b in (1, 4, 16)]
     configs += [(16, {"autocast": "bf16"}, "fp32 weights, bf16 autocast"),
-                (16, {"checkpoint_residual_blocks": True}, "fp32, residual-block checkpointing (vcfast)")]
+                (16, {"checkpoint_residual_blocks": True},
+                 "fp32, residual-block checkpointing (vcfast)")]
     rows = []
     for batch, options, label in configs:
         ref_options = {k: v for k, v in options.items() if k != "checkpoint_residual_blocks"}
@@ -253,21 +267,24 @@ def test_estimator_table(benchmark, capsys, size):
         lean = estimate_iteration(batch, implementation="vcfast", **options, **shape)
         rows.append((batch, label, ref, lean))
     budgets = [6 * GIB, 8 * GIB, 12 * GIB, 24 * GIB]
-    fits = {impl: largest_batches(budgets, implementation=impl) for impl in IMPLEMENTATIONS} if size["paper"] else None
+    fits = ({impl: largest_batches(budgets, implementation=impl) for impl in IMPLEMENTATIONS}
+            if size["paper"] else None)
     with capsys.disabled():
-        print(f"\nEstimated peak of one training iteration (5 D steps with GP + 1 G step), paper channel widths, "
-              f"1x{image_size}x{image_size}, meta device (tensor bytes; no allocator rounding or kernel "
-              "workspaces), GiB")
+        print(f"\nEstimated peak of one training iteration (5 D steps with GP + 1 G step), "
+              f"paper channel widths, 1x{image_size}x{image_size}, meta device (tensor bytes; "
+              "no allocator rounding or kernel workspaces), GiB")
         print("| batch | precision / option | reference D step | reference G step | reference peak "
               "| vcfast D step | vcfast G step | vcfast peak | ratio |")
         print("|---:|---|---:|---:|---:|---:|---:|---:|---:|")
         for batch, label, ref, lean in rows:
-            print(f"| {batch} | {label} | {ref['phases']['d_step'] / GIB:.2f} | {ref['phases']['g_step'] / GIB:.2f} "
+            print(f"| {batch} | {label} | {ref['phases']['d_step'] / GIB:.2f} "
+                  f"| {ref['phases']['g_step'] / GIB:.2f} "
                   f"| {ref['peak_bytes'] / GIB:.2f} | {lean['phases']['d_step'] / GIB:.2f} "
                   f"| {lean['phases']['g_step'] / GIB:.2f} | {lean['peak_bytes'] / GIB:.2f} "
                   f"| {ref['peak_bytes'] / lean['peak_bytes']:.2f}x |")
         if fits is not None:
-            print("\n| largest batch (fp32) | 6 GiB | 8 GiB | 12 GiB | 24 GiB |\n|---|---:|---:|---:|---:|")
+            print("\n| largest batch (fp32) | 6 GiB | 8 GiB | 12 GiB | 24 GiB |\n"
+                  "|---|---:|---:|---:|---:|")
             for impl in IMPLEMENTATIONS:
                 print(f"| {impl} | " + " | ".join(str(fits[impl][b]) for b in budgets) + " |")
     paper = rows[2]

@@ -12,9 +12,9 @@ import textwrap
 
 import pytest
 import torch
+from conftest import BENCH_THREADS, conditions, measure_extra_memory
 
 import vcfast
-from conftest import BENCH_THREADS, conditions, measure_extra_memory
 
 BATCH, SAMPLES = 16, 66304
 CPU_IMPLS = ["vcfast-cpu", "torch.stft-chain", "nnAudio"]
@@ -22,7 +22,8 @@ CPU_IMPLS = ["vcfast-cpu", "torch.stft-chain", "nnAudio"]
 
 def _nnaudio_chain():
     """What a user of nnAudio would write: its conv-based STFT restricted to bins 1..256."""
-    nnaudio = pytest.importorskip("nnAudio.features", reason="pip install nnAudio (the bench extra)")
+    nnaudio = pytest.importorskip("nnAudio.features",
+                                  reason="pip install nnAudio (the bench extra)")
     stft = nnaudio.STFT(n_fft=1024, hop_length=256, window="hamming", center=False,
                         freq_bins=256, freq_scale="linear", fmin=15.625, fmax=4000.0, sr=16000,
                         output_format="Magnitude", trainable=False, verbose=False)
@@ -62,7 +63,8 @@ def _skip_unavailable(name):
 def test_forward_cpu(benchmark, impl):
     _skip_unavailable(impl)
     run, wave = _impl(impl), _wave()
-    benchmark.group = f"log-spectrogram forward, {BATCH}x{SAMPLES} fp32, CPU, {BENCH_THREADS} threads"
+    benchmark.group = (f"log-spectrogram forward, {BATCH}x{SAMPLES} fp32, CPU, "
+                       f"{BENCH_THREADS} threads")
     benchmark.extra_info["conditions"] = conditions()
     out = benchmark(run, wave)
     assert out.shape == (BATCH, 256, 256)
@@ -73,7 +75,8 @@ def test_forward_backward_cpu(benchmark, impl):
     _skip_unavailable(impl)
     run, wave = _impl(impl), _wave(requires_grad=True)
     weight = torch.rand(BATCH, 256, 256)
-    benchmark.group = f"log-spectrogram forward+backward, {BATCH}x{SAMPLES} fp32, CPU, {BENCH_THREADS} threads"
+    benchmark.group = (f"log-spectrogram forward+backward, {BATCH}x{SAMPLES} fp32, CPU, "
+                       f"{BENCH_THREADS} threads")
     benchmark.extra_info["conditions"] = conditions()
 
     def step():
@@ -86,7 +89,8 @@ def test_forward_backward_cpu(benchmark, impl):
 
 _MEMORY_SETUP = {
     "vcfast-cpu": "import vcfast\nfn = lambda w: vcfast.log_spectrogram(w, backend='cpu')",
-    "torch.stft-chain": "import vcfast\nfn = lambda w: vcfast.log_spectrogram(w, backend='reference')",
+    "torch.stft-chain": ("import vcfast\n"
+                         "fn = lambda w: vcfast.log_spectrogram(w, backend='reference')"),
     "nnAudio": textwrap.dedent("""
         import math, torch
         from nnAudio.features import STFT
@@ -128,8 +132,10 @@ def test_extra_memory_table(capsys):
         rows.append((impl, fwd["extra"], fwd["out_bytes"], bwd["extra"], bwd["out_bytes"]))
     mib = 2**20
     with capsys.disabled():
-        print(f"\nextra memory beyond the output, {BATCH}x{SAMPLES} fp32 -> {BATCH}x256x256; {conditions()}")
-        print(f"{'impl':<18}{'fwd extra MiB':>14}{'fwd out MiB':>12}{'fwd+bwd extra MiB':>19}{'grad MiB':>10}")
+        print(f"\nextra memory beyond the output, {BATCH}x{SAMPLES} fp32 -> {BATCH}x256x256; "
+              f"{conditions()}")
+        print(f"{'impl':<18}{'fwd extra MiB':>14}{'fwd out MiB':>12}{'fwd+bwd extra MiB':>19}"
+              f"{'grad MiB':>10}")
         for impl, fe, fo, be, bo in rows:
             print(f"{impl:<18}{fe / mib:>14.1f}{fo / mib:>12.1f}{be / mib:>19.1f}{bo / mib:>10.1f}")
     assert all(r[2] == BATCH * 256 * 256 * 4 for r in rows)
@@ -141,9 +147,11 @@ def test_extra_memory_table(capsys):
 def test_gpu(benchmark, impl, backward):
     if impl == "vcfast-cuda" and not vcfast.backends()["cuda"]:
         pytest.skip("vcfast._C built without CUDA")
-    run = (lambda w: vcfast.log_spectrogram(w, backend="cuda")) if impl == "vcfast-cuda" else _impl(impl)
+    run = ((lambda w: vcfast.log_spectrogram(w, backend="cuda")) if impl == "vcfast-cuda"
+           else _impl(impl))
     wave = _wave("cuda", requires_grad=backward)
-    benchmark.group = f"log-spectrogram {'fwd+bwd' if backward else 'forward'}, {BATCH}x{SAMPLES} fp32, CUDA"
+    benchmark.group = (f"log-spectrogram {'fwd+bwd' if backward else 'forward'}, "
+                       f"{BATCH}x{SAMPLES} fp32, CUDA")
     benchmark.extra_info["conditions"] = conditions()
 
     def step():

@@ -23,7 +23,8 @@ def cpu_model() -> str:
     """/proc/cpuinfo's "model name" (else what the platform module knows)."""
     try:
         with open("/proc/cpuinfo") as f:
-            return next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+            return next(line.split(":", 1)[1].strip() for line in f
+                        if line.startswith("model name"))
     except (OSError, StopIteration):
         return platform.processor() or platform.machine()
 
@@ -35,7 +36,8 @@ def onednn_isa() -> str:
     code = ("import torch\n"
             "torch.nn.functional.conv2d(torch.randn(2, 64, 32, 32), torch.randn(64, 64, 3, 3))\n")
     try:
-        result = subprocess.run([sys.executable, "-c", code], env=dict(os.environ, ONEDNN_VERBOSE="1"),
+        result = subprocess.run([sys.executable, "-c", code],
+                                env=dict(os.environ, ONEDNN_VERBOSE="1"),
                                 capture_output=True, text=True, timeout=120, check=False)
     except (OSError, subprocess.SubprocessError):
         return "unknown"
@@ -50,15 +52,16 @@ def cpu_isa() -> str:
     with the environment caps that were set: they decide which kernels, and which kernel
     scratch, the CPU measurements see."""
     isa = f"ATen {torch.backends.cpu.get_cpu_capability()}, oneDNN {onednn_isa()}"
-    caps = [f"{name}={os.environ[name]}" for name in ("ATEN_CPU_CAPABILITY", "DNNL_MAX_CPU_ISA", "ONEDNN_MAX_CPU_ISA")
+    caps = [f"{name}={os.environ[name]}"
+            for name in ("ATEN_CPU_CAPABILITY", "DNNL_MAX_CPU_ISA", "ONEDNN_MAX_CPU_ISA")
             if os.environ.get(name)]
     return isa + (f" ({', '.join(caps)})" if caps else "")
 
 
 def conditions() -> str:
     gpu = torch.cuda.get_device_name() if torch.cuda.is_available() else "none"
-    return (f"torch {torch.__version__}, CPU {cpu_model()} ({os.cpu_count()} cores), ISA {cpu_isa()}, "
-            f"threads {BENCH_THREADS}, GPU {gpu}")
+    return (f"torch {torch.__version__}, CPU {cpu_model()} ({os.cpu_count()} cores), "
+            f"ISA {cpu_isa()}, threads {BENCH_THREADS}, GPU {gpu}")
 
 
 @pytest.fixture(autouse=True)
