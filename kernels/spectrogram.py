@@ -70,7 +70,9 @@ POWER_GENERAL = 0  # s = exp(power * ln m)  (m = 0 gives exp(-inf) = 0 for power
 def _dot_acc(a, b, acc, PRECISION: tl.constexpr, IS_FP64: tl.constexpr):
     """acc + a @ b with the requested operand precision (float64 always exact "ieee")."""
     if IS_FP64:
-        acc = tl.dot(a, b, acc, input_precision="ieee")
+        # out_dtype must be named: Triton 3.6 defaults it to float32 whatever acc is (and
+        # then rejects the float64 acc); 3.8 takes acc's type.
+        acc = tl.dot(a, b, acc, input_precision="ieee", out_dtype=tl.float64)
     elif PRECISION == 3:
         acc = tl.dot(a.to(tl.bfloat16).to(tl.float32), b.to(tl.bfloat16).to(tl.float32), acc,
                      input_precision="ieee")

@@ -3,6 +3,9 @@ import os
 import torch
 
 # Triton kernels are tested on CPU tensors through the interpreter when there is no GPU.
-# Triton reads this when a kernel is launched, so it must be set before any test runs one.
+# Triton reads TRITON_INTERPRET when ``@triton.jit`` decorates a kernel, i.e. when a test
+# module first imports vcfast's kernels, so this is the one place it is set: a test module
+# that set it itself would run the interpreter on CUDA tensors on a GPU machine instead of
+# the compiled kernels (tests/test_triton_launch_device.py keeps it so).
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")

@@ -1,11 +1,11 @@
 """Tests of the Triton masked multi-group losses (vcfast.ops.classification_triton,
 kernels/classification.py) against the contract in the spec (loss_semantics.md).
 
-Without a GPU the kernels run in the Triton interpreter on CPU tensors. Triton reads
-TRITON_INTERPRET when ``@triton.jit`` decorates a kernel, i.e. when
-vcfast.kernels.classification is first imported, so it is set here before anything imports
-it. Inputs are tiny: the interpreter is slow. On a GPU machine run with TRITON_INTERPRET=0 to
-test the compiled kernels: the CPU tests then skip and the CUDA test runs.
+Without a GPU the kernels run in the Triton interpreter on CPU tensors: tests/conftest.py
+sets TRITON_INTERPRET=1 before any test module imports the kernels (Triton reads it when
+``@triton.jit`` decorates a kernel). On a GPU machine it leaves the variable alone, so the
+kernels compile for the GPU: the CPU-tensor tests then skip and the CUDA tests run. Inputs
+are tiny: the interpreter is slow.
 
 The reference below is a plain-PyTorch transcription of the contract, computed in float64
 and differentiable (autograd gives the reference gradients). When the project's own
@@ -14,11 +14,9 @@ reference (vcfast.ops.classification) exists, the tests compare against it too.
 
 import os
 
-os.environ.setdefault("TRITON_INTERPRET", "1")
-
-import pytest  # noqa: E402
-from _triton_testing import interpreter_marker  # noqa: E402
-import torch  # noqa: E402
+import pytest
+from _triton_testing import interpreter_marker
+import torch
 
 triton = pytest.importorskip("triton")
 ct = pytest.importorskip("vcfast.ops.classification_triton")
@@ -671,7 +669,9 @@ def test_cuda_realistic_groups():
                 (ct.masked_multigroup_softmax_ce_triton, (ts, groups, reduction),
                  lambda v: ref_softmax(v.cpu(), ts.cpu(), groups, reduction))):
             for dtype in (torch.float32, torch.float64, torch.bfloat16):
-                xt = x.to(dtype).requires_grad_()
+                # Fresh leaves: x.to(float32) is x itself, so requires_grad_() on it would
+                # make every later x.to(dtype) a non-leaf without .grad.
+                xt = x.to(dtype).clone().requires_grad_()
                 loss, counts = fn(xt, *args)
                 xr = x.to(dtype).cpu().double().requires_grad_()
                 ref, ref_counts = ref_fn(xr)

@@ -28,21 +28,18 @@ non-differentiable metric are in test_contract_registration.py.
 
 from __future__ import annotations
 
-import os
 from collections.abc import Callable
 from dataclasses import dataclass
 
-os.environ.setdefault("TRITON_INTERPRET", "1")
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
 
-import pytest  # noqa: E402
-import torch  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
-from torch import nn  # noqa: E402
-
-import vcfast  # noqa: E402
-from vcfast import _extension  # noqa: E402
-from vcfast.models import StarGANDiscriminator, StarGANGenerator  # noqa: E402
-from vcfast.nn import (  # noqa: E402
+import vcfast
+from vcfast import _extension
+from vcfast.models import StarGANDiscriminator, StarGANGenerator
+from vcfast.nn import (
     InstanceNormReLUConv2d,
     LabelConcatConv2d,
     LeanResidualBlock,

@@ -16,11 +16,9 @@ from __future__ import annotations
 
 import os
 
-os.environ.setdefault("TRITON_INTERPRET", "1")
-
-import pytest  # noqa: E402
-import torch  # noqa: E402
-from test_contract import (  # noqa: E402
+import pytest
+import torch
+from test_contract import (
     CASES,
     Case,
     GROUPS,
@@ -42,9 +40,9 @@ from test_contract import (  # noqa: E402
     _weights,
     needs_cpu_kernels,
 )
-from torch.utils._python_dispatch import TorchDispatchMode  # noqa: E402
+from torch.utils._python_dispatch import TorchDispatchMode
 
-import vcfast  # noqa: E402
+import vcfast
 
 pytestmark = pytest.mark.filterwarnings("ignore::RuntimeWarning:triton.runtime.interpreter")
 

@@ -8,6 +8,7 @@ reference (`mode="autograd"`) gives; what cannot work raises a clear error.
 
 from __future__ import annotations
 
+import copy
 import os
 
 import pytest
@@ -323,8 +324,16 @@ def test_data_parallel_and_compiled_modules_are_looked_through():
     x_real, x_fake, eps = batch()
     _, expected = reference_grads(critic, x_real, x_fake, eps)
     for wrapped in (nn.DataParallel(critic), torch.compile(critic)):
+        if isinstance(wrapped, nn.DataParallel) and torch.cuda.is_available():
+            continue  # with a GPU, DataParallel insists on a cuda:0 module: checked below
         gp = gradient_penalty(wrapped, x_real, x_fake, eps=eps)
         assert_grads_close(torch.autograd.grad(gp, weights_of(critic)), expected)
+    if torch.cuda.is_available():
+        on_gpu = copy.deepcopy(critic).cuda()
+        gp = gradient_penalty(nn.DataParallel(on_gpu), x_real.cuda(), x_fake.cuda(),
+                              eps=eps.cuda())
+        got = torch.autograd.grad(gp, weights_of(on_gpu))
+        assert_grads_close([g.cpu() for g in got], expected)
 
 
 def _ddp_worker(rank, world, init_file, out_dir, find_unused):

@@ -4,7 +4,7 @@
 Exactness is checked in float64 against nn.InstanceNorm2d(affine=True,
 track_running_stats=True) + nn.ReLU + nn.Conv2d / nn.ConvTranspose2d (tolerance 1e-12: same
 math, different summation order). Triton kernels run in the interpreter on CPU tensors
-(TRITON_INTERPRET=1, set by conftest.py before anything imports the kernels); they are
+(TRITON_INTERPRET=1, set by conftest.py without a GPU); they are
 compared with the references: float64 to 1e-12, float32 to 1e-5, half types to one rounding
 of the output dtype (assert_close's defaults).
 
@@ -14,23 +14,19 @@ excluding parameters and the chain's input (held by the caller either way).
 """
 
 import copy
-import os
+import pytest
+from _triton_testing import interpreter_marker
+import torch
+from torch import nn
 
-os.environ.setdefault("TRITON_INTERPRET", "1")
-
-import pytest  # noqa: E402
-from _triton_testing import interpreter_marker  # noqa: E402
-import torch  # noqa: E402
-from torch import nn  # noqa: E402
-
-from vcfast.models.official import OfficialResidualBlock  # noqa: E402
-from vcfast.nn.norm_act import (  # noqa: E402
+from vcfast.models.official import OfficialResidualBlock
+from vcfast.nn.norm_act import (
     InstanceNormReLUConv2d,
     LeanResidualBlock,
     _conv_config,
     _NormReLUConvFn,
 )
-from vcfast.ops import norm_act as ops  # noqa: E402
+from vcfast.ops import norm_act as ops
 
 F64 = torch.float64
 TOL = dict(rtol=1e-12, atol=1e-12)
@@ -276,7 +272,7 @@ def test_lean_residual_block_saves_one_activation_less():
 
 # The op module imports without triton (its kernels are then None), so only the Triton tests
 # below skip, not the whole module.
-import vcfast.ops.norm_act_triton as nat  # noqa: E402
+import vcfast.ops.norm_act_triton as nat
 
 _, needs_interpreter = interpreter_marker(nat, "norm_act")
 

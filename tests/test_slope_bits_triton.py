@@ -1,12 +1,10 @@
 """Tests of the Triton slope-bit ops (vcfast.ops.slope_bits_triton, kernels/slope_bits.py).
 
-Without a GPU the kernels run in the Triton interpreter on CPU tensors. Triton reads
-TRITON_INTERPRET when ``@triton.jit`` decorates a kernel, i.e. when vcfast.kernels.slope_bits
-is first imported, so the variable is set here before anything imports it. Inputs are small:
-the interpreter is slow.
-
-On a GPU machine run with TRITON_INTERPRET=0 to test the compiled kernels: the CPU tests then
-skip and the CUDA test runs.
+Without a GPU the kernels run in the Triton interpreter on CPU tensors: tests/conftest.py
+sets TRITON_INTERPRET=1 before any test module imports the kernels (Triton reads it when
+``@triton.jit`` decorates a kernel). On a GPU machine it leaves the variable alone, so the
+kernels compile for the GPU: the CPU-tensor tests then skip and the CUDA tests run.
+Inputs are small: the interpreter is slow.
 
 Tolerances: leaky_relu_with_bits and scale_by_slope_bits are exact for every dtype (one
 multiply in the compute dtype, one rounding), and the bits must equal the reference's byte
@@ -18,14 +16,12 @@ the output dtype (assert_close's default float16 / bfloat16 tolerances).
 
 import os
 
-os.environ.setdefault("TRITON_INTERPRET", "1")
+import pytest
+from _triton_testing import interpreter_marker
+import torch
 
-import pytest  # noqa: E402
-from _triton_testing import interpreter_marker  # noqa: E402
-import torch  # noqa: E402
-
-from vcfast import _extension  # noqa: E402
-from vcfast.ops.slope_bits import (  # noqa: E402
+from vcfast import _extension
+from vcfast.ops.slope_bits import (
     leaky_relu_with_bits_reference,
     pack_bits_reference,
     penalty_terms_reference,

@@ -1,25 +1,19 @@
 """Tests of the Triton log-spectrogram (vcfast.ops.spectrogram_triton, kernels/spectrogram.py).
 
-Without a GPU the kernels run in the Triton interpreter on CPU tensors. Triton reads
-TRITON_INTERPRET when ``@triton.jit`` decorates a kernel, i.e. when vcfast.kernels.spectrogram
-is first imported, so the variable is set here before anything imports it (vcfast imports
-that module lazily, on the first Triton call). Inputs are tiny: the interpreter is slow.
-
-On a GPU machine run with TRITON_INTERPRET=0 to test the compiled kernels instead: the CPU
-tests then skip and the real-size CUDA test runs.
+Without a GPU the kernels run in the Triton interpreter on CPU tensors: tests/conftest.py
+sets TRITON_INTERPRET=1 before any test module imports the kernels (Triton reads it when
+``@triton.jit`` decorates a kernel). On a GPU machine it leaves the variable alone, so the
+kernels compile for the GPU: the CPU-tensor tests then skip and the CUDA tests run.
+Inputs are tiny: the interpreter is slow.
 """
 
 import math
-import os
+import pytest
+from _triton_testing import interpreter_marker
+import torch
 
-os.environ.setdefault("TRITON_INTERPRET", "1")
-
-import pytest  # noqa: E402
-from _triton_testing import interpreter_marker  # noqa: E402
-import torch  # noqa: E402
-
-import vcfast  # noqa: E402
-from vcfast.ops.spectrogram import log_spectrogram_reference  # noqa: E402
+import vcfast
+from vcfast.ops.spectrogram import log_spectrogram_reference
 
 triton = pytest.importorskip("triton")
 st = pytest.importorskip("vcfast.ops.spectrogram_triton")
@@ -358,7 +352,9 @@ def test_cuda_stargan_vc_real_size(precision, atol):
     (ref * g).sum().backward()
     (out * g).sum().backward()
     rel = (xt.grad - xr.grad).norm() / xr.grad.norm()
-    assert rel < (1e-4 if precision == "ieee" else 2e-2)
+    # TF32 rounds both GEMMs' operands to 10 mantissa bits, and d log|X| / dX = X / |X|^2
+    # magnifies that in the quiet bins: 0.030 on an H200 (Triton 3.6), hence 5e-2.
+    assert rel < (1e-4 if precision == "ieee" else 5e-2)
     # float64 through the same kernels (tl.dot on float64 operands).
     x64 = x[:2].double()
     torch.testing.assert_close(vcfast.log_spectrogram(x64, "stargan_vc", backend="triton"),

@@ -137,3 +137,21 @@ def test_launches_run_on_the_tensors_device(recorded, run):
     fake, launches = recorded
     expected = run(fake)
     assert launches == [DEVICE] * expected
+
+
+def test_only_conftest_turns_the_interpreter_on():
+    """A test module setting TRITON_INTERPRET at import would, on a GPU machine, make every
+    later-imported kernel an interpreter object run on CUDA tensors: the GPU run of the suite
+    would then never compile a kernel (it happened: tests/conftest.py is the one place)."""
+    tests_dir = pathlib.Path(__file__).resolve().parent
+    offenders = []
+    for path in sorted(tests_dir.glob("*.py")):
+        if path.name == "conftest.py":
+            continue
+        for node in ast.walk(ast.parse(path.read_text())):
+            if (isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute)
+                    and node.func.attr in ("setdefault", "__setitem__", "putenv")
+                    and node.args and isinstance(node.args[0], ast.Constant)
+                    and node.args[0].value == "TRITON_INTERPRET"):
+                offenders.append(f"{path.name}:{node.lineno}")
+    assert not offenders, f"set TRITON_INTERPRET only in tests/conftest.py: {offenders}"
