@@ -316,7 +316,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
     data_dir = Path(args.data) if args.data else demo_corpus_dir()
     corpus = phases.run("load corpus", lambda: load_corpus(data_dir))
     print(corpus.summary())
-    # The StarGAN paper's Adam (1e-4) rather than SPEC §5's RMSprop 1e-5: a few minutes of
+    # The StarGAN paper's Adam (1e-4) rather than the default RMSprop 1e-5 (docs/training.md):
+    # a few minutes of
     # RMSprop barely move the generator off its initial flat output, while Adam already
     # reproduces the utterance's harmonic structure (measured on this corpus, 240 steps).
     config = TrainConfig(

@@ -1,9 +1,9 @@
 """How much memory one StarGAN-VC training iteration needs: official layout vs vcfast.
 
-One iteration (SPEC §5) = ``n_critic`` D steps (real, fake, gradient penalty, masked BCE on
-the classifier, backward, RMSprop step) + one G step (G(x_real, c'), D on it, reconstruction
-G(x_fake, c_real), identity G(x_real, c_real), feature matching on D's 2048x4x4 feature,
-backward, step). :class:`TrainingIteration` is that iteration, written once: the estimator
+One iteration (docs/training.md#one-training-step) = ``n_critic`` D steps (real, fake, gradient
+penalty, masked BCE on the classifier, backward, RMSprop step) + one G step (G(x_real, c'), D on it,
+reconstruction G(x_fake, c_real), identity G(x_real, c_real), feature matching on D's 2048x4x4
+feature, backward, step). :class:`TrainingIteration` is that iteration, written once: the estimator
 runs it on the ``meta`` device under :class:`vcfast.memory.LiveBytesTracker` (the paper-size
 models at batch 16 are sized without allocating anything), the validation and the benchmarks
 run the very same code on real CPU tensors (:func:`measure_iteration`).
@@ -76,7 +76,7 @@ _DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 _AUTOCAST = {"bf16": torch.bfloat16}
 _WORKSPACES = {None: None, "onednn": onednn_conv_scratch}
 _IMPLEMENTATIONS = ("reference", "vcfast")
-# SPEC §5 loss weights
+# Loss weights (docs/training.md#weights-and-hyper-parameters)
 LAMBDA_GP = LAMBDA_REC = LAMBDA_ID = LAMBDA_FM = 10.0
 
 
@@ -89,7 +89,8 @@ def _masked_bce_plain(logits, targets):
 
 
 class TrainingIteration:
-    """Models, optimizers and one batch of data for SPEC §5 training, with the steps as methods.
+    """Models, optimizers and one batch of data for training (docs/training.md), with the steps as
+    methods.
 
     Build it with :func:`build_iteration`. ``d_step()`` and ``g_step()`` are one discriminator /
     generator update each; ``run()`` is one full iteration (``n_critic`` D steps + 1 G step).
@@ -225,8 +226,8 @@ def build_iteration(batch: int = 16, *, implementation: str = "vcfast", dtype: s
                     n_critic: int = 5, device: str | torch.device = "meta",
                     checkpoint_residual_blocks: bool = False, autocast: str | None = None,
                     seed: int = 0) -> TrainingIteration:
-    """Models (paper size by default), RMSprop optimizers (lr 1e-5, SPEC §5) with their state
-    in place (one zero-gradient step each), and one batch of random data, on ``device``.
+    """Models (paper size by default), RMSprop optimizers (lr 1e-5, docs/training.md) with their
+    state in place (one zero-gradient step each), and one batch of random data, on ``device``.
 
     ``conv_dim`` scales both networks (64 = paper; G has 6 residual blocks, D 6 stride-2
     convs, so ``image_size`` must be a multiple of 64). ``checkpoint_residual_blocks`` only

@@ -1,4 +1,4 @@
-"""Multi-group partial domain labels (SPEC §3) and StarGAN target sampling (SPEC §5).
+"""Multi-group partial domain labels and StarGAN target sampling (docs/labels.md).
 
 A *label space* is an ordered list of groups (default: speaker 1421, birthplace 53, sex 2).
 Every utterance has, per group, a class index or *unknown*. Three vector forms exist:
@@ -41,7 +41,7 @@ import torch
 
 __all__ = ["DEFAULT_GROUPS", "LabelSpace", "derangement"]
 
-#: SPEC §3 groups of the seed corpus.
+#: The default groups (docs/labels.md#groups).
 DEFAULT_GROUPS: tuple[tuple[str, int], ...] = (("speaker", 1421), ("birthplace", 53), ("sex", 2))
 
 UNKNOWN = -1
@@ -495,7 +495,7 @@ class LabelSpace:
         dtype: torch.dtype = torch.float32,
         device: torch.device | str | None = None,
     ) -> torch.Tensor:
-        """Labels -> generator label vector ``[N, input_dim]`` (SPEC §3, 1479 by default).
+        """Labels -> generator label vector ``[N, input_dim]`` (docs/labels.md, 1479 by default).
 
         Columns: one-hot of each group in group order (all zeros where unknown), then one
         flag per group that is 1 where the group is known. ``device`` defaults to the label
@@ -518,7 +518,7 @@ class LabelSpace:
         dtype: torch.dtype = torch.int8,
         device: torch.device | str | None = None,
     ) -> torch.Tensor:
-        """Labels -> classifier target ``[N, n_classes]`` in {-1, 0, 1} (SPEC §3, 1476).
+        """Labels -> classifier target ``[N, n_classes]`` in {-1, 0, 1} (docs/labels.md, 1476).
 
         One-hot of each known group; every entry of an unknown group is -1. ``dtype`` must be
         signed (int8 default; float dtypes allowed).
@@ -656,7 +656,8 @@ class LabelSpace:
         strategy: str = "shuffle",
         return_perm: bool = False,
     ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
-        """Draw conversion targets c' for a batch (SPEC §5). Deterministic given ``generator``.
+        """Draw conversion targets c' for a batch (docs/labels.md#conversion-targets). Deterministic
+        given ``generator``.
 
         ``strategy="shuffle"`` (default, StarGAN): sample i takes the whole label set of
         sample ``perm[i]``, where ``perm`` is a uniformly random derangement (``perm[i] != i``)

@@ -1,7 +1,8 @@
-"""Evaluation metrics for the multi-group domain classifier (SPEC §3, seed 000).
+"""Evaluation metrics for the multi-group domain classifier (docs/ops.md#accuracy).
 
-:func:`multigroup_accuracy` is the per-group top-1 accuracy seed 000 reports (speaker ≈ 0.4
-after 16 h), computed only over samples where the group is known.
+:func:`multigroup_accuracy` is the per-group top-1 accuracy (a speaker accuracy of about 0.4
+after 16 h of training was the original experiment's figure), computed only over samples
+where the group is known.
 """
 
 from __future__ import annotations

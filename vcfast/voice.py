@@ -1,7 +1,8 @@
-"""Voice conversion of whole utterances with a trained StarGAN generator (SPEC §2, §3).
+"""Voice conversion of whole utterances with a trained StarGAN generator
+(docs/ops.md#log-spectrogram, docs/labels.md).
 
 The generator sees fixed-size spectrogram images (256 bins x 256 frames when trained on
-SPEC §2 crops), but a recording has any length. :func:`convert_wave` therefore
+the crops of docs/ops.md#crops), but a recording has any length. :func:`convert_wave` therefore
 
 1. peak-normalises the wave and pads both ends with 768 zeros (n_fft - hop; the end is
    rounded up to whole frames) so that every sample lies under a full set of overlapping

@@ -1,4 +1,5 @@
-"""Data pipeline: audio I/O, SPEC §2 cropping, corpora, StarGAN training pairs, test audio."""
+"""Data pipeline: audio I/O, cropping (docs/ops.md#crops), corpora, StarGAN training pairs, test
+audio."""
 
 from .audio import (
     CROP_SAMPLES,

@@ -1,6 +1,6 @@
 """Audio loading, cropping and saving for the StarGAN-VC data pipeline.
 
-Implements SPEC §2 steps 1-2:
+Implements the crops of docs/ops.md#crops:
 
 1. load audio, mix to mono, resample to 16 000 Hz (:func:`load_audio`);
 2. take a random crop of :data:`CROP_SAMPLES` samples, peak-normalise it to
@@ -41,10 +41,10 @@ PathLike = Union[str, "os.PathLike[str]"]
 
 #: Sample rate (Hz) every waveform is resampled to.
 SAMPLE_RATE = 16000
-#: Crop length in samples (~4.14 s at 16 kHz), fixed by SPEC §2.
+#: Crop length in samples (~4.14 s at 16 kHz): 256 frames of the stargan_vc preset.
 CROP_SAMPLES = 66304
 #: A crop whose RMS after peak normalisation exceeds this is noise-like or
-#: silence-plus-clicks and is discarded (SPEC §2 step 2).
+#: silence-plus-clicks and is discarded (docs/ops.md#crops).
 MAX_CROP_RMS = 0.5
 
 # Formats save_audio writes, keyed by lower-case extension.
@@ -61,7 +61,7 @@ class AudioReadError(ValueError):
 
 
 class NoUsableCropError(ValueError):
-    """No crop satisfying the SPEC §2 rules could be drawn from a waveform."""
+    """No crop satisfying the rules of docs/ops.md#crops could be drawn from a waveform."""
 
 
 def _check_positive_int(name: str, value) -> int:
@@ -168,7 +168,7 @@ def random_crop(
     total. When ``len(wave) == length`` there is only one possible crop, so it
     is tried once.
 
-    Short input is *not* padded: SPEC §2 trains on real 66 304-sample crops,
+    Short input is *not* padded: training uses real 66 304-sample crops,
     and padding would feed silence the model never sees at inference.
 
     Args:

@@ -1,4 +1,5 @@
-"""Speech corpora on disk: discovery, labels and sanity checks (issue 6, "Data").
+"""Speech corpora on disk: discovery, labels and sanity checks
+(docs/labels.md#how-a-corpus-builds-them).
 
 Two layouts are understood (:func:`load_corpus` detects which one by default):
 
@@ -29,7 +30,8 @@ usable utterances; a group with no known value anywhere (e.g. no ``speakers.csv`
 because a group needs at least one class.
 
 Files are checked cheaply with :func:`soundfile.info` (no decoding): unreadable files and files
-shorter than one SPEC §2 crop (66 304 samples at 16 kHz, after resampling) are skipped with a
+shorter than one crop (docs/ops.md#crops: 66 304 samples at 16 kHz, after resampling) are skipped
+with a
 :func:`warnings.warn` and listed in :attr:`Corpus.skipped`.
 """
 
@@ -346,7 +348,7 @@ def load_corpus(root: PathLike, *, layout: str = "auto", min_samples: int = CROP
         layout: ``"folders"``, ``"vctk"`` or ``"auto"`` (VCTK when ``root`` holds a
             ``wav48*`` folder, else folders).
         min_samples: files shorter than this many samples at 16 kHz are skipped (default one
-            SPEC §2 crop, 66 304 samples).
+            crop, 66 304 samples).
 
     Returns:
         A :class:`Corpus`; utterances sorted by speaker folder, then path.

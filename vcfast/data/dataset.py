@@ -1,4 +1,5 @@
-"""StarGAN training pairs from a :class:`~vcfast.data.corpus.Corpus`: SPEC §2 crops, §5 pairs.
+"""StarGAN training pairs from a :class:`~vcfast.data.corpus.Corpus`
+(docs/training.md#training-pairs).
 
 Each item pairs a real crop ``x_real`` (with its labels) with a crop ``x_orig`` of *another*
 utterance, a different speaker's whenever the corpus has more than one speaker, whose labels are
@@ -26,8 +27,8 @@ from .corpus import Corpus
 
 __all__ = ["StarGANPairDataset", "make_loader"]
 
-# Extra utterances tried when every crop drawn from one is rejected (SPEC §2 RMS rule), so one
-# noise-like file does not stop a long training run.
+# Extra utterances tried when every crop drawn from one is rejected (the RMS rule of
+# docs/ops.md#crops), so one noise-like file does not stop a long training run.
 _CROP_FALLBACK_TRIES = 8
 # Domain-separation tags so the per-item and per-epoch-order seeds never coincide.
 _TAG_ITEM = 0x17E1
@@ -51,16 +52,17 @@ class StarGANPairDataset(torch.utils.data.Dataset):
     """Item i -> dict(wave_real FloatTensor[crop_samples], labels_real LongTensor[G],
     wave_orig FloatTensor[crop_samples], labels_orig LongTensor[G]).
 
-    wave_* are SPEC §2 crops (peak-normalised, RMS-rejected). wave_orig is a crop of another
-    utterance (a different speaker when the corpus has >1) whose labels are the conversion target.
-    Deterministic: the item depends only on (seed, epoch, i), never on worker count or order.
+    wave_* are crops (docs/ops.md#crops: peak-normalised, RMS-rejected). wave_orig is a crop of
+    another utterance (a different speaker when the corpus has >1) whose labels are the conversion
+    target. Deterministic: the item depends only on (seed, epoch, i), never on worker count or
+    order.
 
     Items also carry ``index_real`` and ``index_orig`` (LongTensor scalars): the positions of the
     two utterances in ``corpus.utterances``, for logging and sample names.
 
     Args:
         corpus: the utterances (every one at least ``crop_samples`` long at 16 kHz).
-        crop_samples: crop length in samples (default SPEC §2's 66 304).
+        crop_samples: crop length in samples (default 66 304, docs/ops.md#crops).
         seed: non-negative int; with the epoch and the item index it fixes every draw.
         items_per_epoch: dataset length; default one item per utterance. Item ``i`` takes
             utterance ``i % len(corpus)`` as ``x_real``.

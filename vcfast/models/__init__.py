@@ -1,4 +1,5 @@
-"""Paper-size StarGAN models (SPEC §4): lean versions and the official layout they replace."""
+"""Paper-size StarGAN models (docs/models.md): lean versions and the official layout they
+replace."""
 
 from vcfast.models.convert import convert_stargan
 from vcfast.models.discriminator import StarGANDiscriminator

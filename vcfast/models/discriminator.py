@@ -1,4 +1,5 @@
-"""StarGAN's discriminator (official code layout, SPEC §4), ready for the lean gradient penalty."""
+"""StarGAN's discriminator (official code layout, docs/models.md), ready for the lean gradient
+penalty."""
 
 from __future__ import annotations
 
@@ -49,7 +50,8 @@ class StarGANDiscriminator(nn.Module):
     @classmethod
     def paper(cls, label_space=None, image_size: int = 256,
               autocast_bf16: bool = False) -> "StarGANDiscriminator":
-        """SPEC §4 paper size; ``label_space`` (a vcfast.LabelSpace) sets the classifier width."""
+        """Paper size (docs/models.md#discriminator); ``label_space`` (a vcfast.LabelSpace) sets the
+        classifier width."""
         n_classes = label_space.n_classes if label_space is not None else 1476
         return cls(in_channels=1, image_size=image_size, conv_dim=64, repeat_num=6,
                    n_classes=n_classes, autocast_bf16=autocast_bf16)

@@ -1,4 +1,4 @@
-"""StarGAN's generator (SPEC §4) built from vcfast's memory-lean layers.
+"""StarGAN's generator (docs/models.md#generator) built from vcfast's memory-lean layers.
 
 Same parameters, same math, same outputs and gradients as the official layout
 (:class:`vcfast.models.official.OfficialGenerator`), but:
@@ -134,7 +134,7 @@ class StarGANGenerator(nn.Module):
         c_dim: label-vector length (``LabelSpace.input_dim``, 1479).
         repeat_num: residual blocks (6).
         in_channels: image channels (1 for spectrograms); the output has the same.
-        out_activation: ``'sigmoid'`` (SPEC §4, seed 001) or ``'tanh'``.
+        out_activation: ``'sigmoid'`` (docs/models.md#generator) or ``'tanh'``.
         checkpoint_residual_blocks: recompute each residual block in backward
             (``torch.utils.checkpoint``, ``use_reentrant=False``) instead of keeping its
             intermediates; only active when autograd records.
@@ -207,7 +207,8 @@ class StarGANGenerator(nn.Module):
     @classmethod
     def paper(cls, label_space=None, out_activation: str = "sigmoid",
               checkpoint_residual_blocks: bool = False, autocast_bf16: bool = False) -> "StarGANGenerator":
-        """SPEC §4 paper size; ``label_space`` (a vcfast.LabelSpace) sets ``c_dim`` (default 1479)."""
+        """Paper size (docs/models.md#generator); ``label_space`` (a vcfast.LabelSpace) sets
+        ``c_dim`` (default 1479)."""
         c_dim = label_space.input_dim if label_space is not None else 1479
         return cls(conv_dim=64, c_dim=c_dim, repeat_num=6, in_channels=1, out_activation=out_activation,
                    checkpoint_residual_blocks=checkpoint_residual_blocks, autocast_bf16=autocast_bf16)

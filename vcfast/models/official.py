@@ -1,6 +1,6 @@
 """StarGAN's generator and discriminator written exactly as the official StarGAN code writes them.
 
-This is the reference layout (SPEC §4): what users bring, what the tests compare the lean
+This is the reference layout (docs/models.md): what users bring, what the tests compare the lean
 models against, and what the memory estimator measures as "the reference". The generator
 tiles the label vector over H x W and concatenates it to the input (a B x c_dim x H x W tensor;
 ~370 MiB per sample at paper size in fp32) and keeps two activation-sized tensors per
@@ -45,7 +45,7 @@ def _out_activation(name: str) -> nn.Module:
 
 class OfficialGenerator(nn.Module):
     """Generator network (official StarGAN ``Generator``; input channels and output activation
-    configurable: 1-channel spectrograms and a sigmoid output for vcfast, SPEC §4).
+    configurable: 1-channel spectrograms and a sigmoid output for vcfast, docs/models.md).
 
     ``forward(x [N, in_channels, H, W], c [N, c_dim]) -> [N, in_channels, H, W]``.
     """
@@ -85,7 +85,8 @@ class OfficialGenerator(nn.Module):
 
     @classmethod
     def paper(cls, label_space=None, out_activation: str = "sigmoid") -> "OfficialGenerator":
-        """SPEC §4 paper size; ``label_space`` (a vcfast.LabelSpace) sets ``c_dim`` (default 1479)."""
+        """Paper size (docs/models.md); ``label_space`` (a vcfast.LabelSpace) sets ``c_dim``
+        (default 1479)."""
         c_dim = label_space.input_dim if label_space is not None else 1479
         return cls(conv_dim=64, c_dim=c_dim, repeat_num=6, in_channels=1, out_activation=out_activation)
 

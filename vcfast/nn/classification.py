@@ -1,4 +1,5 @@
-"""nn.Module wrappers of the fused masked multi-group losses (SPEC §3)."""
+"""nn.Module wrappers of the fused masked multi-group losses
+(docs/ops.md#masked-multi-group-losses)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""StarGAN-VC training (SPEC §5): ``train``, held-out ``evaluate``, checkpoints, the CLI.
+"""StarGAN-VC training (docs/training.md): ``train``, held-out ``evaluate``, checkpoints, the CLI.
 
 Run directory layout::
 

@@ -1,4 +1,4 @@
-"""Training configuration (SPEC §5 defaults) and the model sizes the trainer builds."""
+"""Training configuration (docs/training.md defaults) and the model sizes the trainer builds."""
 
 from __future__ import annotations
 
@@ -12,19 +12,20 @@ from typing import Any
 
 __all__ = ["OPTIMIZERS", "RESUME_CRITICAL_FIELDS", "SIZES", "TrainConfig"]
 
-#: Model sizes. "paper" is SPEC §4 exactly; "small" is a CPU demo size (a step takes a few
-#: seconds on 2 threads); "tiny" is for tests. The discriminator's stride-2 convolutions
-#: always bring the input down to the 4x4 map SPEC §4 describes. ``image_size`` is the
-#: spectrogram the models see: 256 bins x 256 frames (SPEC §2), except "tiny", which trains
-#: on the lowest 64 bins x first 64 frames of each crop so that tests run in seconds on a CPU.
+#: Model sizes (docs/models.md#reduced-sizes). "paper" is the paper size exactly; "small" is a CPU
+#: demo size (a step takes a few seconds on 2 threads); "tiny" is for tests. The discriminator's
+#: stride-2 convolutions always bring the input down to a 4x4 map. ``image_size`` is the
+#: spectrogram the models see: 256 bins x 256 frames (docs/ops.md#presets), except "tiny", which
+#: trains on the lowest 64 bins x first 64 frames of each crop so that tests run in seconds on a
+#: CPU.
 SIZES: dict[str, dict[str, int]] = {
     "paper": {"g_conv_dim": 64, "g_repeat": 6, "d_conv_dim": 64, "d_repeat": 6, "image_size": 256},
     "small": {"g_conv_dim": 16, "g_repeat": 3, "d_conv_dim": 16, "d_repeat": 6, "image_size": 256},
     "tiny": {"g_conv_dim": 4, "g_repeat": 1, "d_conv_dim": 4, "d_repeat": 4, "image_size": 64},
 }
 
-#: Optimiser name -> (default lr, extra keyword arguments). RMSprop 1e-5 is SPEC §5's recipe
-#: (seed 001); Adam 1e-4 with betas (0.5, 0.999) is the StarGAN paper's.
+#: Optimiser name -> (default lr, extra keyword arguments). RMSprop 1e-5 is the default recipe
+#: (docs/training.md); Adam 1e-4 with betas (0.5, 0.999) is the StarGAN paper's.
 OPTIMIZERS: dict[str, tuple[float, dict[str, Any]]] = {
     "rmsprop": (1e-5, {}),
     "adam": (1e-4, {"betas": (0.5, 0.999)}),
@@ -39,7 +40,7 @@ RESUME_CRITICAL_FIELDS = ("size", "optimizer")
 class TrainConfig:
     """Everything a training run depends on; saved as ``config.json`` in the run directory.
 
-    Defaults are SPEC §5 (RMSprop 1e-5, 5 D steps per G step, lambda_gp 10 with the lean
+    Defaults are docs/training.md's (RMSprop 1e-5, 5 D steps per G step, lambda_gp 10 with the lean
     penalty, lambda_rec/id/fm 10, lambda_cls 1, batch 2) with paper-size models.
     ``lr=None`` means the optimiser's default (1e-5 RMSprop, 1e-4 Adam).
     ``held_out_per_speaker`` utterances per speaker are kept out of training for

@@ -30,7 +30,8 @@ def evaluate(
     griffin_lim_iterations: int = 32,
     bf16: bool = False,
 ) -> dict[str, Any]:
-    """Scores on held-out utterances (one SPEC §2 crop each, deterministic given ``seed``).
+    """Scores on held-out utterances (one crop each, docs/ops.md#crops, deterministic given
+    ``seed``).
 
     Each crop x (labels c) is paired with another speaker's utterance whose labels c' are
     the conversion target (the training pairing). Reports

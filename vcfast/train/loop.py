@@ -1,4 +1,4 @@
-"""The StarGAN-VC training loop (SPEC §5) with logs, samples, evaluation and exact resume.
+"""The StarGAN-VC training loop (docs/training.md) with logs, samples, evaluation and exact resume.
 
 One G step ("step" everywhere here) = ``n_critic`` D updates, each on a fresh batch, then one
 G update on the last of those batches:
@@ -206,7 +206,7 @@ def _discriminate(
 
 
 class _Stepper:
-    """The SPEC §5 losses and updates for one (G, D) pair."""
+    """The losses and updates (docs/training.md#one-training-step) for one (G, D) pair."""
 
     def __init__(
         self,
@@ -465,7 +465,7 @@ def train(
     progress: bool = True,
     progress_interval_s: float | None = None,
 ) -> dict[str, Any]:
-    """Train StarGAN-VC on ``corpus`` into the run directory ``out_dir`` (SPEC §5).
+    """Train StarGAN-VC on ``corpus`` into the run directory ``out_dir`` (docs/training.md).
 
     ``config.held_out_per_speaker`` utterances per speaker are held out for
     :func:`evaluate` (run every ``eval_every`` steps and at the end). ``resume=True``

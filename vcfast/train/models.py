@@ -22,14 +22,15 @@ __all__ = [
     "spectrogram_overrides",
 ]
 
-#: Spectrogram side length of SPEC §2 (256 bins x 256 frames).
+#: Spectrogram side length of the stargan_vc preset (256 bins x 256 frames, docs/ops.md#presets).
 FULL_IMAGE_SIZE = 256
 _HOP, _N_FFT = 256, 1024  # stargan_vc preset
 
 
 def spectrogram_overrides(image_size: int) -> dict[str, int]:
     """``log_spectrogram`` / ``spectrogram_to_wave`` overrides for an ``image_size`` square:
-    none at 256 (SPEC §2); otherwise the lowest ``image_size`` bins (1 .. image_size)."""
+    none at 256 (docs/ops.md#presets); otherwise the lowest ``image_size`` bins (1 ..
+    image_size)."""
     return {} if image_size == FULL_IMAGE_SIZE else {"bin_hi": 1 + image_size}
 
 

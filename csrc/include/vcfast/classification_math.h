@@ -1,5 +1,6 @@
 // Per-element math of the fused masked multi-group losses, shared by the CPU and CUDA
-// kernels (the contract is SPEC §3 and vcfast/ops/classification.py).
+// kernels (the contract is docs/ops.md#masked-multi-group-losses and
+// vcfast/ops/classification.py).
 //
 // Targets t are -1 (unknown: the entry is ignored), 0 or 1. For a valid entry with logit x
 // and positive weight pw (1 without pos_weight):
