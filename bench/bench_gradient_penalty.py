@@ -1,7 +1,7 @@
 """Lean vs autograd (official StarGAN) gradient penalty on the paper-size StarGAN D.
 
 One full D step: D(x_real) -> -mean src + masked BCE on the classifier, D(x_fake) -> +mean src,
-the gradient penalty on x_hat, one backward; CPU, float32, batch 4, 1x256x256 (SPEC §4,
+the gradient penalty on x_hat, one backward; CPU, float32, batch 4, 1x256x256 (docs/models.md,
 93.1 M parameters). Timed with pytest-benchmark; peak extra memory measured in a fresh
 process (bench/conftest.py), for the whole step and for the penalty alone. With
 --benchmark-disable (the CI smoke run) the resolution drops to 64x64 so it stays quick.

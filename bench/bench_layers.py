@@ -1,4 +1,4 @@
-"""Lean generator layers vs the PyTorch layers they replace (issue 5), CPU, float32.
+"""Lean generator layers vs the PyTorch layers they replace, CPU, float32.
 
 (a) ``LabelConcatConv2d`` -- StarGAN's first layer at paper size: 1 spectrogram channel plus
     1479 label channels -> 64, 7x7, padding 3, 256x256, batch 2 -- forward+backward (weight

@@ -1,4 +1,5 @@
-"""Fused masked multi-group losses vs the plain-PyTorch code a user would write, SPEC §3 sizes.
+"""Fused masked multi-group losses vs the plain-PyTorch code a user would write, default label
+sizes.
 
 Logits [N, 1476] float32 with groups (speaker 1421, birthplace 53, sex 2), about 20% of the
 (sample, group) pairs unknown (all -1), float32 targets; N in {16, 256, 4096} (16 = the

@@ -1,7 +1,8 @@
 """StarGAN-VC training steps, official layout ("reference") vs vcfast, on CPU; and the
 iteration-memory estimator's table.
 
-Steps (SPEC §5, vcfast.estimate.TrainingIteration, the code the estimator runs on meta):
+Steps (docs/training.md#one-training-step, vcfast.estimate.TrainingIteration, the code the estimator
+runs on meta):
 * D step: D(real), D(G(real, c') under no_grad), masked BCE on the classifier, gradient
   penalty (reference: autograd double backward; vcfast: lean), backward, RMSprop step.
 * G step: G(real, c'), D on it, reconstruction G(fake, c), identity G(real, c), feature
@@ -99,7 +100,8 @@ def test_step_time(benchmark, step, implementation, batch, size):
 
 def test_g_step_cpu_time_ratio(capsys, size):
     """CPU time (process time, all threads) and wall time of one G step at batch 2, reference
-    vs vcfast: one warm-up step, then the best of two (issue 5 target: vcfast >= 3x faster)."""
+    vs vcfast: one warm-up step, then the best of two (the project's target: vcfast >= 3x
+    faster)."""
     rows = {}
     for implementation in IMPLEMENTATIONS:
         iteration = _iteration(size, implementation, 2)

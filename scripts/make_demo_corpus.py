@@ -7,7 +7,7 @@
 Eight synthetic speakers = 4 accents (espeak-ng voices en-us, en-gb-x-rp, en-gb-scotland,
 en-029) x 2 sexes (espeak-ng voice variants m*/f*), each with its own pitch (-p) and speed (-s),
 so that the speaker, birthplace (accent) and sex labels describe real acoustic differences.
-Each speaker reads 3 utterances of different English text, 5-6.5 s each (longer than one SPEC §2
+Each speaker reads 3 utterances of different English text, 5-6.5 s each (longer than one training
 crop of 66 304 samples = 4.14 s), written as 16 kHz mono 16-bit FLAC. ``speakers.csv`` leaves
 some labels empty on purpose (unknown), as real corpora do.
 
@@ -150,7 +150,8 @@ def make_utterance(first_sentence: int, speaker: tuple) -> tuple:
 
 
 def check_crops(wave: np.ndarray, name: str) -> float:
-    """Worst peak-normalised RMS over crops at 16 evenly spaced starts (must pass SPEC §2)."""
+    """Worst peak-normalised RMS over crops at 16 evenly spaced starts (must pass
+    docs/ops.md#crops)."""
     if len(wave) < CROP_SAMPLES:
         raise RuntimeError(f"{name}: {len(wave)} samples, shorter than one crop ({CROP_SAMPLES})")
     worst = 0.0
@@ -219,13 +220,13 @@ given no `--data`) works on a fresh machine with nothing to download. Load it wi
 `vcfast.data.load_corpus(vcfast.data.demo_corpus_dir())` (layout "folders").
 
 * {n_speakers} speakers x {per} utterances, {lo:.1f}-{hi:.1f} s each, 16 kHz mono 16-bit FLAC
-  (every file is longer than one SPEC §2 crop of 66 304 samples = 4.14 s).
+  (every file is longer than one training crop (docs/ops.md#crops) of 66 304 samples = 4.14 s).
 * Made with **espeak-ng {version}** (Debian package `espeak-ng`) by `scripts/make_demo_corpus.py`:
   4 accents (espeak-ng voices) x 2 sexes (voice variants), each speaker with its own pitch and
   speed, so the labels describe real acoustic differences. The text is ours; the transcript of
   every file is in `transcript.tsv`.
 * `speakers.csv` (`speaker,birthplace,sex`) leaves two labels empty on purpose (unknown):
-  grace's birthplace and ben's sex, to exercise partial labels (SPEC §3).
+  grace's birthplace and ben's sex, to exercise partial labels (docs/labels.md).
 
 | speaker | espeak-ng voice | pitch | speed (wpm) | birthplace | sex |
 |---|---|---|---|---|---|

@@ -1,4 +1,4 @@
-"""bf16 autocast for the lean layers and models (issue 5: "bf16 autocast").
+"""bf16 autocast for the lean layers and models.
 
 Under ``torch.autocast("cpu", dtype=torch.bfloat16)`` the lean generator (LabelConcatConv2d,
 InstanceNormReLUConv2d, LeanResidualBlock) must do what the official layout does under the

@@ -1,6 +1,6 @@
-"""Masked multi-group losses (SPEC §3): C++ kernels vs the plain-PyTorch reference, the
-contract's edge cases (all masked, extreme logits, every target dtype), gradients,
-registration (opcheck, torch.compile, meta) and bad input."""
+"""Masked multi-group losses (docs/ops.md#masked-multi-group-losses): C++ kernels vs the
+plain-PyTorch reference, the contract's edge cases (all masked, extreme logits, every target dtype),
+gradients, registration (opcheck, torch.compile, meta) and bad input."""
 
 import importlib.util
 import math

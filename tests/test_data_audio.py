@@ -1,4 +1,4 @@
-"""Tests for vcfast.data.audio (SPEC §2 steps 1-2: load, mono, resample, crop)."""
+"""Tests for vcfast.data.audio (docs/ops.md#crops: load, mono, resample, crop)."""
 
 import os
 

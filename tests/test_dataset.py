@@ -1,4 +1,5 @@
-"""StarGANPairDataset / make_loader: SPEC §2 crops, SPEC §5 pairing, determinism, workers."""
+"""StarGANPairDataset / make_loader: crops and pairing (docs/training.md#training-pairs),
+determinism, workers."""
 
 from __future__ import annotations
 

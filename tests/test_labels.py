@@ -1,4 +1,4 @@
-"""Tests for vcfast.labels (SPEC §3 label vectors, §5 target sampling)."""
+"""Tests for vcfast.labels (docs/labels.md: label vectors, target sampling)."""
 
 import json
 
