@@ -75,7 +75,8 @@ def test_float32_tolerance():
 
 
 def test_paper_first_layer_scaled_down():
-    # SPEC §4: 1 + 1479 label channels, 7x7 s1 p3 -> 64, no bias; small spatial size
+    # The paper-size stem (docs/models.md#generator): 1 + 1479 label channels, 7x7 s1 p3 -> 64, no
+    # bias; small spatial size
     _compare(cx=1, cc=1479, o=64, k=7, s=1, p=3, h=9, w=10, batch=2, dtype=torch.float64, bias=False)
     _compare(cx=1, cc=1479, o=64, k=7, s=1, p=3, h=9, w=10, batch=1, dtype=torch.float32, bias=False,
              atol=1e-4, rtol=1e-4)

@@ -1,4 +1,4 @@
-"""StarGAN models (SPEC §4, issue 5 §3): official layout vs the lean generator and convert_stargan.
+"""StarGAN models (docs/models.md): official layout vs the lean generator and convert_stargan.
 
 Exactness in float64: the lean generator converted from an official one (shared parameters)
 gives the same outputs and the same gradient for every parameter (1e-10), in train and eval

@@ -1,5 +1,5 @@
-"""The fused log-spectrogram: SPEC §2 recipe, C++ kernel vs the torch.stft reference,
-gradients, registration (opcheck, torch.compile, meta) and bad input."""
+"""The fused log-spectrogram: the docs/ops.md#the-recipe recipe, C++ kernel vs the torch.stft
+reference, gradients, registration (opcheck, torch.compile, meta) and bad input."""
 
 import math
 import os
@@ -32,7 +32,8 @@ def speech_like(samples: int, seed: int = 0, dtype=torch.float64) -> torch.Tenso
 
 
 def spec_by_numpy(x: np.ndarray) -> np.ndarray:
-    """SPEC §2 steps 3-7 written out with numpy, independent of vcfast's code."""
+    """The stargan_vc recipe (docs/ops.md#presets) written out with numpy, independent of vcfast's
+    code."""
     window = np.hamming(1024)
     n_frames = (len(x) - 1024) // 256 + 1
     frames = np.stack([x[f * 256 : f * 256 + 1024] * window for f in range(n_frames)])
