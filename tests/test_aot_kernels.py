@@ -235,9 +235,11 @@ def _meta(*shape, dtype=torch.float32):
 def test_launchers_reject_grids_past_the_limits():
     """Shapes past CUDA's grid limits raise in every launcher before any launch (meta tensors:
     no memory)."""
-    from vcfast.ops import (classification_triton as ct, label_conv_triton as lt,
-                            norm_act_triton as nt, slope_bits_triton as sbt,
-                            spectrogram_triton as st)
+    from vcfast.ops import classification_triton as ct
+    from vcfast.ops import label_conv_triton as lt
+    from vcfast.ops import norm_act_triton as nt
+    from vcfast.ops import slope_bits_triton as sbt
+    from vcfast.ops import spectrogram_triton as st
 
     if st._kernels is None:
         pytest.skip(st.TRITON_IMPORT_ERROR)
@@ -306,9 +308,11 @@ def recorded_launches(monkeypatch):
 
 @pytest.mark.filterwarnings("ignore:divide by zero:RuntimeWarning")  # log(0) in masked lanes
 def test_recorded_launches_are_enumerated(recorded_launches):
-    from vcfast.ops import (classification_triton as ct, label_conv_triton as lt,
-                            norm_act_triton as nt, slope_bits_triton as sbt,
-                            spectrogram_triton as st)
+    from vcfast.ops import classification_triton as ct
+    from vcfast.ops import label_conv_triton as lt
+    from vcfast.ops import norm_act_triton as nt
+    from vcfast.ops import slope_bits_triton as sbt
+    from vcfast.ops import spectrogram_triton as st
 
     if not st._kernels_interpreted():
         pytest.skip("needs the Triton interpreter (TRITON_INTERPRET=1 before the kernels load)")

@@ -20,9 +20,9 @@ import pytest
 import torch
 from test_contract import (
     CASES,
-    Case,
     GROUPS,
     TRITON_ON_CPU,
+    Case,
     _assert_same,
     _bce,
     _build,
@@ -64,7 +64,9 @@ class _RecordVcfastCalls(TorchDispatchMode):
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         if func.namespace == "vcfast":
-            detach = (lambda a: a.detach() if isinstance(a, torch.Tensor) else a)
+            def detach(a):
+                return a.detach() if isinstance(a, torch.Tensor) else a
+
             self.calls.append((func, tuple(detach(a) for a in args),
                                {k: detach(v) for k, v in kwargs.items()}, self.phase))
         return func(*args, **kwargs)

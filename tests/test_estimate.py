@@ -20,11 +20,13 @@ def test_vcfast_needs_less_than_the_official_layout():
 
 
 def test_peak_is_affine_in_the_batch_and_budgets_are_consistent():
-    peaks = [estimate_iteration(b, implementation="vcfast", **SMALL)["peak_bytes"] for b in (1, 2, 3)]
+    peaks = [estimate_iteration(b, implementation="vcfast", **SMALL)["peak_bytes"]
+             for b in (1, 2, 3)]
     assert peaks[0] < peaks[1] < peaks[2]
     assert abs((peaks[2] - peaks[1]) - (peaks[1] - peaks[0])) <= 0.02 * (peaks[1] - peaks[0])
     budget = peaks[1] + (peaks[2] - peaks[1]) // 2  # fits 2, not 3
-    assert largest_batches([budget, peaks[0] - 1], implementation="vcfast", **SMALL) == {budget: 2, peaks[0] - 1: 0}
+    assert (largest_batches([budget, peaks[0] - 1], implementation="vcfast", **SMALL)
+            == {budget: 2, peaks[0] - 1: 0})
 
 
 def test_bad_arguments():
@@ -37,7 +39,8 @@ def test_bad_arguments():
 
 
 def test_memory_command(capsys):
-    assert main(["memory", "--batch", "2", "--image-size", "64", "--n-critic", "1", "--fits", ""]) == 0
+    assert main(["memory", "--batch", "2", "--image-size", "64", "--n-critic", "1",
+                 "--fits", ""]) == 0
     out = capsys.readouterr().out
     assert "iteration peak" in out and "reference (official)" in out
 
@@ -54,7 +57,8 @@ def _tiny_labels():
 def test_memory_estimate_is_the_estimator():
     from vcfast.memory import estimate
 
-    assert estimate(2, implementation="vcfast", **SMALL) == estimate_iteration(2, implementation="vcfast", **SMALL)
+    assert (estimate(2, implementation="vcfast", **SMALL)
+            == estimate_iteration(2, implementation="vcfast", **SMALL))
 
 
 @pytest.mark.parametrize("implementation", ["reference", "vcfast"])
@@ -67,7 +71,8 @@ def test_meta_autocast_emulation_matches_real_cpu_autocast(implementation):
     fp32 = estimate_iteration(2, implementation=implementation, label_space=_tiny_labels(), **TINY)
     assert abs(meta["peak_bytes"] - cpu["peak_bytes"]) <= 0.01 * cpu["peak_allocated_bytes"]
     for phase in ("d_step", "g_step"):
-        assert abs(meta["phases"][phase] - cpu["phases"][phase]) <= 0.01 * cpu["peak_allocated_bytes"]
+        assert (abs(meta["phases"][phase] - cpu["phases"][phase])
+                <= 0.01 * cpu["peak_allocated_bytes"])
     assert meta["baseline_bytes"] == fp32["baseline_bytes"]  # fp32 weights, grads, optimizer state
     assert meta["peak_allocated_bytes"] < 0.8 * fp32["peak_allocated_bytes"]
 
@@ -99,7 +104,8 @@ def test_a_scratch_model_plugs_into_the_estimate():
     plain = estimate_iteration(1, **kw)
     fixed = estimate_iteration(1, workspace="onednn", **kw)
     measured_as_free = MeasuredConvScratch({key: 0 for key in calls})
-    assert estimate_iteration(1, workspace=measured_as_free, **kw)["peak_bytes"] == plain["peak_bytes"]
+    assert (estimate_iteration(1, workspace=measured_as_free, **kw)["peak_bytes"]
+            == plain["peak_bytes"])
     assert measured_as_free.misses == 0
     unmeasured = MeasuredConvScratch({})
     with_fallback = estimate_iteration(1, workspace=unmeasured, **kw)

@@ -62,7 +62,8 @@ def _spec(value):
 
 def _outputs(out, args) -> tuple:
     """Per output: shape, dtype, strides, storage bytes, and which input it aliases (if any)."""
-    inputs = [a.untyped_storage()._cdata if isinstance(a, torch.Tensor) else None for a in tree_leaves(args)]
+    inputs = [a.untyped_storage()._cdata if isinstance(a, torch.Tensor) else None
+              for a in tree_leaves(args)]
     described = []
     for t in tree_leaves(out):
         if not isinstance(t, torch.Tensor):
@@ -70,7 +71,8 @@ def _outputs(out, args) -> tuple:
             continue
         storage = t.untyped_storage()._cdata
         aliased = inputs.index(storage) if storage in inputs else None
-        described.append((tuple(t.shape), t.dtype, tuple(t.stride()), t.untyped_storage().nbytes(), aliased))
+        described.append((tuple(t.shape), t.dtype, tuple(t.stride()),
+                          t.untyped_storage().nbytes(), aliased))
     return tuple(described)
 
 
@@ -94,7 +96,8 @@ class CustomOpCalls(TorchDispatchMode):
 def _meta_argument(spec):
     if isinstance(spec, tuple) and spec[:1] == ("tensor",):
         _, shape, stride, offset, dtype = spec
-        extent = offset + 1 + sum((n - 1) * s for n, s in zip(shape, stride)) if all(shape) else offset
+        extent = (offset + 1 + sum((n - 1) * s for n, s in zip(shape, stride)) if all(shape)
+                  else offset)
         return torch.empty(extent, dtype=dtype, device="meta").as_strided(shape, stride, offset)
     if isinstance(spec, tuple):
         return [_meta_argument(v) for v in spec]
@@ -187,7 +190,8 @@ def test_a_wrong_fake_is_caught(cpu_runs):
     with torch.library._scoped_library("vcfast", "FRAGMENT") as lib:
         torch.library.register_fake(
             "vcfast::instance_norm_stats",
-            lambda z, eps: tuple(z.new_empty((2, z.shape[0], z.shape[1]))[0] for _ in range(3)), lib=lib)
+            lambda z, eps: tuple(z.new_empty((2, z.shape[0], z.shape[1]))[0] for _ in range(3)),
+            lib=lib)
         assert len(fake_mismatches(stats_calls)) == len(stats_calls)
         meta = estimate_iteration(BATCH, **_options("vcfast"))
     assert meta["peak_bytes"] > run["figures"]["peak_bytes"]

@@ -15,7 +15,8 @@ def test_import_without_extension_falls_back_to_reference():
             warnings.simplefilter("always")
             import vcfast
         messages = [str(w.message) for w in caught]
-        assert any("vcfast._C could not be loaded" in m and "'reference'" in m for m in messages), messages
+        assert any("vcfast._C could not be loaded" in m and "'reference'" in m
+                   for m in messages), messages
         b = vcfast.backends()
         assert b["reference"] and not b["cpu"] and not b["cuda"], b
         import torch

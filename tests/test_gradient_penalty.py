@@ -76,7 +76,8 @@ def test_random_critics_float64(seed):
 
 
 def test_sample_with_zero_input_gradient_gets_zero_not_nan():
-    critic = nn.Sequential(nn.Conv2d(1, 2, 3, 1, 1), nn.ReLU(), nn.Flatten(), nn.Linear(2 * 9, 1)).double()
+    critic = nn.Sequential(nn.Conv2d(1, 2, 3, 1, 1), nn.ReLU(), nn.Flatten(),
+                           nn.Linear(2 * 9, 1)).double()
     with torch.no_grad():
         critic[0].bias.fill_(-100.0)  # every ReLU is off: grad_x D = 0 for every sample
     x = torch.rand(2, 1, 3, 3, dtype=torch.float64)
@@ -88,7 +89,8 @@ def test_sample_with_zero_input_gradient_gets_zero_not_nan():
 
 def test_conv_transpose_and_float32():
     torch.manual_seed(0)
-    critic = nn.Sequential(nn.Conv2d(2, 6, 3, 2, 1), nn.LeakyReLU(0.2), nn.ConvTranspose2d(6, 4, 4, 2, 1),
+    critic = nn.Sequential(nn.Conv2d(2, 6, 3, 2, 1), nn.LeakyReLU(0.2),
+                           nn.ConvTranspose2d(6, 4, 4, 2, 1),
                            nn.ReLU(), nn.Conv2d(4, 1, 3, 1, 1, bias=False))
     x_real, x_fake = torch.randn(3, 2, 9, 9), torch.randn(3, 2, 9, 9)
     assert_same_as_autograd(critic, x_real, x_fake, rtol=1e-4)
@@ -131,7 +133,8 @@ def test_batch_slices_are_exact(monkeypatch):
     # Large convolutions run over batch slices to bound oneDNN's operand copies.
     monkeypatch.setattr(gp_module, "_BATCH_SLICE_BYTES", 64)
     torch.manual_seed(6)
-    critic = nn.Sequential(nn.Conv2d(2, 5, 3, 2, 1), nn.LeakyReLU(0.01), nn.ConvTranspose2d(5, 3, 4, 2, 1),
+    critic = nn.Sequential(nn.Conv2d(2, 5, 3, 2, 1), nn.LeakyReLU(0.01),
+                           nn.ConvTranspose2d(5, 3, 4, 2, 1),
                            nn.LeakyReLU(0.2), nn.Flatten(), nn.Linear(3 * 8 * 8, 2)).double()
     x = torch.randn(5, 2, 8, 8, dtype=torch.float64)
     assert_same_as_autograd(critic, x, torch.randn_like(x), rtol=1e-10)
@@ -141,7 +144,8 @@ def test_composes_with_the_rest_of_the_d_loss():
     torch.manual_seed(3)
     critic = PiecewiseLinearCritic(nn.Sequential(nn.Conv2d(1, 4, 4, 2, 1), nn.LeakyReLU(0.01)),
                                    nn.Sequential(nn.Conv2d(4, 1, 3, 1, 1, bias=False)))
-    x_real, x_fake = torch.randn(2, 1, 8, 8, dtype=torch.float64), torch.randn(2, 1, 8, 8, dtype=torch.float64)
+    x_real, x_fake = (torch.randn(2, 1, 8, 8, dtype=torch.float64),
+                      torch.randn(2, 1, 8, 8, dtype=torch.float64))
     critic.double()
     eps = torch.rand(2, dtype=torch.float64)
     totals = {}
@@ -161,7 +165,8 @@ def test_frozen_layers_get_no_gradient():
     assert critic[0].weight.grad is None and critic[3].weight.grad is not None
 
 
-@pytest.mark.parametrize("layer", [nn.BatchNorm2d(3), nn.Dropout(0.1), nn.Tanh(), nn.Sigmoid(), nn.InstanceNorm2d(3)])
+@pytest.mark.parametrize("layer", [nn.BatchNorm2d(3), nn.Dropout(0.1), nn.Tanh(), nn.Sigmoid(),
+                                   nn.InstanceNorm2d(3)])
 def test_unsupported_layers_raise_and_auto_falls_back(layer):
     critic = nn.Sequential(nn.Conv2d(1, 3, 3, 1, 1), layer, nn.Flatten(), nn.Linear(3 * 4 * 4, 1))
     x_real, x_fake = torch.randn(2, 1, 4, 4), torch.randn(2, 1, 4, 4)
@@ -175,7 +180,8 @@ def test_unsupported_layers_raise_and_auto_falls_back(layer):
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # only one warning per process
         gradient_penalty(critic, x_real, x_fake, eps=eps, mode="auto")
-    torch.testing.assert_close(auto, gradient_penalty(critic, x_real, x_fake, eps=eps, mode="autograd"))
+    torch.testing.assert_close(auto,
+                               gradient_penalty(critic, x_real, x_fake, eps=eps, mode="autograd"))
 
 
 def test_bad_arguments():
@@ -197,7 +203,8 @@ def test_bad_arguments():
 
 def test_lazy_regularisation_schedule():
     torch.manual_seed(4)
-    critic = nn.Sequential(nn.Conv2d(1, 2, 3, 1, 1), nn.LeakyReLU(0.2), nn.Flatten(), nn.Linear(2 * 16, 1))
+    critic = nn.Sequential(nn.Conv2d(1, 2, 3, 1, 1), nn.LeakyReLU(0.2), nn.Flatten(),
+                           nn.Linear(2 * 16, 1))
     x_real, x_fake = torch.randn(2, 1, 4, 4), torch.randn(2, 1, 4, 4)
     eps = torch.rand(2)
     lazy = GradientPenalty(weight=10.0, interval=3)

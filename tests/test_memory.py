@@ -196,7 +196,8 @@ def _conv_call(device, grad_output_expanded=False):
     forward = torch.ops.aten.convolution.default
     args = (x, w, None, [1, 1], [1, 1], [1, 1], False, [0, 0], 1)
     out = forward(*args)
-    grad = torch.ones((), device=device).expand(out.shape) if grad_output_expanded else torch.ones_like(out)
+    grad = (torch.ones((), device=device).expand(out.shape) if grad_output_expanded
+            else torch.ones_like(out))
     backward = torch.ops.aten.convolution_backward.default
     backward_args = (grad, x, w, [4], [1, 1], [1, 1], [1, 1], False, [0, 0], 1, [True, True, False])
     return (forward, args, out), (backward, backward_args)
@@ -212,7 +213,8 @@ def test_conv_call_keys_are_the_same_on_meta_and_cpu():
     assert key[4:] == ((1, 1), (1, 1), (1, 1), False, (0, 0), 1)
     backward_key = conv_call_key(b_cpu, ba_cpu)
     assert backward_key == conv_call_key(b_meta, ba_meta)
-    assert backward_key[1] == ("tensor", (2, 4, 8, 8), (0, 0, 0, 0), "float32")  # layout is part of the key
+    # layout is part of the key
+    assert backward_key[1] == ("tensor", (2, 4, 8, 8), (0, 0, 0, 0), "float32")
     assert conv_call_key(torch.ops.aten.add.Tensor, (a_cpu[0], a_cpu[0])) is None
 
 
@@ -223,7 +225,8 @@ def test_conv_calls_recorded_on_meta_are_the_cpu_calls(memory_format):
     calls = {}
     for device in ("meta", "cpu"):
         net = _conv_net(memory_format).to(device)
-        x = torch.randn(2, 3, 12, 12).to(device=device, memory_format=memory_format).requires_grad_()
+        x = (torch.randn(2, 3, 12, 12).to(device=device, memory_format=memory_format)
+             .requires_grad_())
         with ConvCallRecorder() as recorder:
             net(x).sum().backward()
         calls[device] = recorder.calls
@@ -242,7 +245,8 @@ def test_conv_call_recorder_counts_distinct_calls():
     # three forward convs: 3 -> 16 (its own key) and 16 -> 16 twice (one key), and likewise
     # their backwards (the first without an input gradient)
     assert sorted(recorder.calls.values()) == [1, 1, 2, 2]
-    assert {k[0] for k in recorder.calls} == {"aten.convolution.default", "aten.convolution_backward.default"}
+    assert {k[0] for k in recorder.calls} == {"aten.convolution.default",
+                                              "aten.convolution_backward.default"}
 
 
 def test_measured_conv_scratch_uses_the_measurement_then_the_fallback():
@@ -250,7 +254,8 @@ def test_measured_conv_scratch_uses_the_measurement_then_the_fallback():
     model = MeasuredConvScratch({conv_call_key(forward, args): 12345})
     assert model(forward, args, {}, out) == 12345
     assert model.misses == 0
-    assert model(backward, backward_args, {}, None) == onednn_conv_scratch(backward, backward_args, {}, None)
+    assert (model(backward, backward_args, {}, None)
+            == onednn_conv_scratch(backward, backward_args, {}, None))
     assert model.misses == 1
     assert model(torch.ops.aten.add.Tensor, (out, out), {}, out) == 0
     assert MeasuredConvScratch({}, fallback=None)(forward, args, {}, out) == 0
@@ -302,5 +307,6 @@ def test_onednn_scratch_counts_the_weight_reorder():
     conv = torch.ops.aten.convolution.default
     assert onednn_conv_scratch(conv, (x, w), {}, out) == x.numel() * 4 + w.numel() * 4
     backward = torch.ops.aten.convolution_backward.default
-    assert onednn_conv_scratch(backward, (out, x, w), {}, None) == (out.numel() + x.numel() + w.numel()) * 4
+    assert (onednn_conv_scratch(backward, (out, x, w), {}, None)
+            == (out.numel() + x.numel() + w.numel()) * 4)
     assert onednn_conv_scratch(torch.ops.aten.add.Tensor, (x, x), {}, x) == 0

@@ -14,9 +14,10 @@ excluding parameters and the chain's input (held by the caller either way).
 """
 
 import copy
+
 import pytest
-from _triton_testing import interpreter_marker
 import torch
+from _triton_testing import interpreter_marker
 from torch import nn
 
 from vcfast.models.official import OfficialResidualBlock
@@ -272,7 +273,7 @@ def test_lean_residual_block_saves_one_activation_less():
 
 # The op module imports without triton (its kernels are then None), so only the Triton tests
 # below skip, not the whole module.
-import vcfast.ops.norm_act_triton as nat
+import vcfast.ops.norm_act_triton as nat  # noqa: E402
 
 _, needs_interpreter = interpreter_marker(nat, "norm_act")
 

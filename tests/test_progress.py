@@ -56,13 +56,15 @@ def test_a_pipe_gets_the_first_step_one_line_per_interval_and_the_last():
 
 def test_a_run_stopped_early_prints_its_last_step_when_closed():
     out, clock = io.StringIO(), FakeClock()
-    reporter = ProgressReporter(total=None, desc="train (<= 5 min)", stream=out, interval_s=30, clock=clock)
+    reporter = ProgressReporter(total=None, desc="train (<= 5 min)", stream=out, interval_s=30,
+                                clock=clock)
     _run(reporter, clock, range(1, 4), seconds_per_step=2.0)
     assert _printed_steps(out.getvalue().replace("train (<= 5 min)", "train")) == [1]
     reporter.close()
     reporter.close()  # idempotent: no second copy
     lines = out.getvalue().splitlines()
-    assert [line.split(",")[0] for line in lines] == ["train (<= 5 min): step 1", "train (<= 5 min): step 3"]
+    assert [line.split(",")[0] for line in lines] == ["train (<= 5 min): step 1",
+                                                      "train (<= 5 min): step 3"]
 
 
 def test_a_message_comes_after_the_line_of_its_step():
@@ -74,7 +76,8 @@ def test_a_message_comes_after_the_line_of_its_step():
     reporter.close()
     lines = out.getvalue().splitlines()
     assert [line.split(",")[0] for line in lines] == ["train: step 1/100", "train: step 2/100",
-                                                      "step 2 eval: accuracy real 0.5", "train: step 3/100"]
+                                                      "step 2 eval: accuracy real 0.5",
+                                                      "train: step 3/100"]
 
 
 def test_the_interval_comes_from_the_environment(monkeypatch):
@@ -85,7 +88,8 @@ def test_the_interval_comes_from_the_environment(monkeypatch):
     reporter = ProgressReporter(total=5, stream=out, clock=clock)
     _run(reporter, clock, range(1, 6), seconds_per_step=0.5)
     assert _printed_steps(out.getvalue()) == [1, 2, 3, 4, 5]
-    assert ProgressReporter(total=1, stream=io.StringIO(), interval_s=12).interval_s == 12  # explicit wins
+    # explicit wins
+    assert ProgressReporter(total=1, stream=io.StringIO(), interval_s=12).interval_s == 12
     monkeypatch.setenv("VCFAST_PROGRESS_INTERVAL_S", "soon")
     with pytest.raises(ValueError, match="VCFAST_PROGRESS_INTERVAL_S"):
         ProgressReporter(total=1, stream=io.StringIO())
@@ -111,7 +115,8 @@ def test_the_bar_can_be_refused_on_a_terminal_and_nothing_is_reported_when_disab
     plain = ProgressReporter(total=2, stream=out, bar=False, clock=clock)
     _run(plain, clock, range(1, 3), seconds_per_step=1.0)
     plain.close()
-    assert not plain.uses_bar and "\r" not in out.getvalue() and _printed_steps(out.getvalue()) == [1, 2]
+    assert (not plain.uses_bar and "\r" not in out.getvalue()
+            and _printed_steps(out.getvalue()) == [1, 2])
     silent_out = TerminalStream()
     silent = ProgressReporter(total=2, stream=silent_out, enabled=False, clock=clock)
     _run(silent, clock, range(1, 3), seconds_per_step=1.0)

@@ -9,8 +9,7 @@ import torch
 
 from vcfast import _extension
 from vcfast.cli import main
-from vcfast.selftest import (BF16_TOLERANCE_CAP, OP_CASES, TOLERANCES, bf16_tolerance,
-                             relative_error)
+from vcfast.selftest import BF16_TOLERANCE_CAP, OP_CASES, TOLERANCES, bf16_tolerance, relative_error
 
 needs_extension = pytest.mark.skipif(not _extension.EXTENSION_LOADED,
                                      reason="the broken backend is a C++ op of vcfast._C")

@@ -20,7 +20,8 @@ def test_pack_unpack_round_trip():
         assert bits.dtype == torch.uint8 and bits.numel() == (n + 7) // 8
         assert torch.equal(sb.unpack_bits_reference(bits, n), mask)
     # element e is bit e % 8 of byte e // 8
-    assert sb.pack_bits_reference(torch.tensor([True, False, True] + [False] * 5 + [True])).tolist() == [5, 1]
+    assert sb.pack_bits_reference(
+        torch.tensor([True, False, True] + [False] * 5 + [True])).tolist() == [5, 1]
 
 
 def test_reference_penalty_terms_match_autograd():
@@ -59,7 +60,8 @@ def test_penalty_terms_kernel(shape, dtype):
     gp_ref, u_ref = sb.penalty_terms_reference(g, 1.0, 10.0)
     tol = {torch.float64: 1e-12, torch.float32: 1e-5, torch.bfloat16: 1e-2}[dtype]
     torch.testing.assert_close(gp, gp_ref.to(gp.dtype), rtol=tol, atol=tol)
-    torch.testing.assert_close(u.double(), u_ref.double(), rtol=tol, atol=tol * u_ref.abs().max().item())
+    torch.testing.assert_close(u.double(), u_ref.double(), rtol=tol,
+                               atol=tol * u_ref.abs().max().item())
     zero = torch.zeros(2, 3, dtype=dtype)
     gp0, u0 = torch.ops.vcfast.penalty_terms(zero, 1.0, 10.0)
     assert gp0.item() == pytest.approx(10.0) and torch.equal(u0, torch.zeros_like(zero))
@@ -85,5 +87,6 @@ def test_opcheck():
     z = torch.randn(3, 11)
     torch.library.opcheck(torch.ops.vcfast.leaky_relu_with_bits.default, (z, 0.2))
     _, bits = torch.ops.vcfast.leaky_relu_with_bits(z, 0.2)
-    torch.library.opcheck(torch.ops.vcfast.scale_by_slope_bits.default, (torch.randn(3, 11), bits, 0.2))
+    torch.library.opcheck(torch.ops.vcfast.scale_by_slope_bits.default,
+                          (torch.randn(3, 11), bits, 0.2))
     torch.library.opcheck(torch.ops.vcfast.penalty_terms.default, (torch.randn(4, 5), 1.0, 10.0))

@@ -17,8 +17,8 @@ the output dtype (assert_close's default float16 / bfloat16 tolerances).
 import os
 
 import pytest
-from _triton_testing import interpreter_marker
 import torch
+from _triton_testing import interpreter_marker
 
 from vcfast import _extension
 from vcfast.ops.slope_bits import (

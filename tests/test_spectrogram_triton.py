@@ -8,9 +8,10 @@ Inputs are tiny: the interpreter is slow.
 """
 
 import math
+
 import pytest
-from _triton_testing import interpreter_marker
 import torch
+from _triton_testing import interpreter_marker
 
 import vcfast
 from vcfast.ops.spectrogram import log_spectrogram_reference
