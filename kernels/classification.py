@@ -1,7 +1,8 @@
 """Triton kernels of the two fused multi-group classification losses.
 
 vcfast.ops.classification_triton launches them; the exact contract (element losses, masking,
-one-hot rules, reductions) is /tmp/specs/loss_semantics.md, summarised in each docstring.
+one-hot rules, reductions) is docs/ops.md#masked-multi-group-losses, summarised in each
+docstring.
 
 Layout
 ------
@@ -15,11 +16,13 @@ The forward kernels write per-(row, group) partials to contiguous [N, G] buffers
 
     S[n, g]    float32 (float64 for float64 logits): summed loss of row n, group g
     K[n, g]    int32: number of valid entries (BCE) / 1 if the group is known (softmax)
-    FLAG[n, g] int32: 0 = targets fine; otherwise (BCE) the number of entries outside
-               {-1, 0, 1} (NaN included), (softmax) a violation code, see below
+    FLAG[n, g] int32: (BCE) the number of entries outside {-1, 0, 1} (NaN included), 0 when
+               the targets are fine; (softmax) the group's status, a STATUS_* code of
+               vcfast.ops._classification_common (the C++ kernels' kGroup* numbers), an
+               error when >= STATUS_BAD_VALUE
 
-and S is set to NaN wherever FLAG != 0, so a violation is visible in the loss even where the
-host cannot raise (torch.compile'd graphs). The host reduces S / K (tiny) with a few
+and S is set to NaN wherever FLAG marks an error, so a violation is visible in the loss even
+where the host cannot raise (torch.compile'd graphs). The host reduces S / K (tiny) with a few
 deterministic torch ops and raises the ValueError from FLAG in eager mode.
 
 The backward kernels take the per-(row, group) weight w = dL/dS[n, g] as a strided [N, G]
@@ -37,17 +40,20 @@ interpreter (which has no libdevice). All address arithmetic is int64.
 import triton
 import triton.language as tl
 
+from vcfast.ops import _classification_common as _codes
+
 try:  # the device math library (log1p); absent or unusable in the interpreter
     from triton.language.extra import libdevice
 except ImportError:  # pragma: no cover - very old / stripped Triton builds
     libdevice = None
 
-# Softmax violation codes written to FLAG (the host maps them to messages).
-FLAG_OK = 0
-FLAG_TWO_POSITIVES = 1  # two or more entries equal to 1
-FLAG_NO_POSITIVE = 2  # known group (not all -1) without a 1
-FLAG_MIXED_UNKNOWN = 3  # some, but not all, entries are -1
-FLAG_BAD_VALUE = 4  # an entry outside {-1, 0, 1} (NaN included)
+# The softmax status codes written to FLAG, as constexprs (the host maps them to messages).
+STATUS_OK = tl.constexpr(_codes.STATUS_OK)
+STATUS_UNKNOWN = tl.constexpr(_codes.STATUS_UNKNOWN)
+STATUS_BAD_VALUE = tl.constexpr(_codes.STATUS_BAD_VALUE)
+STATUS_MIXED = tl.constexpr(_codes.STATUS_MIXED)
+STATUS_NO_POSITIVE = tl.constexpr(_codes.STATUS_NO_POSITIVE)
+STATUS_TWO_POSITIVES = tl.constexpr(_codes.STATUS_TWO_POSITIVES)
 
 
 @triton.jit
@@ -123,8 +129,8 @@ def _masked_bce_fwd_kernel(
                 c = tl.full((BLOCK,), 1.0, x.dtype)
             e = tl.exp(-tl.abs(x))
             sp = _log1p_small(e, USE_LIBDEVICE) + tl.maximum(-x, 0.0)  # softplus(-x)
-            l = (1.0 - t) * x + c * sp
-            acc_s += tl.where(valid, l, 0.0)
+            loss = (1.0 - t) * x + c * sp
+            acc_s += tl.where(valid, loss, 0.0)
             acc_k += valid.to(tl.int32)
             acc_bad += bad.to(tl.int32)
         s = tl.sum(acc_s, axis=0)
@@ -232,9 +238,10 @@ def _masked_softmax_ce_fwd_kernel(
       * exactly one t == 1, all others 0 (one-hot, class k):
             S[n, g] = logsumexp(x[n, J]) - x[n, k],   K[n, g] = 1
         (logsumexp with an online max / sum-exp over the chunks);
-      * anything else: FLAG[n, g] = 4 (a value outside {-1, 0, 1}, NaN included),
-        3 (mixes -1 with 0/1), 1 (two or more positives) or 2 (no positive), checked in
-        that order; S[n, g] = NaN, K[n, g] = 0.
+      * anything else: FLAG[n, g] = STATUS_BAD_VALUE (a value outside {-1, 0, 1}, NaN
+        included), STATUS_MIXED (mixes -1 with 0/1), STATUS_NO_POSITIVE or
+        STATUS_TWO_POSITIVES, checked in that order; S[n, g] = NaN, K[n, g] = 0.
+    FLAG[n, g] is STATUS_UNKNOWN for an unknown group and STATUS_OK for a one-hot one.
     """
     row = tl.program_id(0).to(tl.int64)
     lanes = tl.arange(0, BLOCK).to(tl.int64)
@@ -246,15 +253,15 @@ def _masked_softmax_ce_fwd_kernel(
         lse, x_pos, n_one, n_zero, n_neg, n_other = _group_logsumexp(
             x_row, t_row, start, end, lanes, stride_xc, stride_tc, IS_FP64, BLOCK)
         size = end - start
-        unknown = (n_neg == size) & (n_other == 0)
-        flag = tl.where(n_other > 0, 4,
-                        tl.where(unknown, 0,
-                                 tl.where(n_neg > 0, 3,
-                                          tl.where(n_one >= 2, 1,
-                                                   tl.where(n_one == 0, 2, 0)))))
-        known = (flag == 0) & (~unknown)
+        flag = tl.where(n_other > 0, STATUS_BAD_VALUE,
+                        tl.where(n_neg == size, STATUS_UNKNOWN,
+                                 tl.where(n_neg > 0, STATUS_MIXED,
+                                          tl.where(n_one == 0, STATUS_NO_POSITIVE,
+                                                   tl.where(n_one >= 2, STATUS_TWO_POSITIVES,
+                                                            STATUS_OK)))))
+        known = flag == STATUS_OK
         s = tl.where(known, lse - x_pos, 0.0)
-        s = tl.where(flag != 0, float("nan"), s)
+        s = tl.where(flag >= STATUS_BAD_VALUE, float("nan"), s)
         idx = row * G + g
         tl.store(s_ptr + idx, s)
         tl.store(k_ptr + idx, known.to(tl.int32))

@@ -530,13 +530,13 @@ def test_opcheck():
     counts = ct.masked_multigroup_bce_triton(*args)[1]
     grad = torch.tensor(0.7, dtype=torch.float64)
     torch.library.opcheck(ops.masked_multigroup_bce_triton_backward.default,
-                          (grad, args[0], args[1], counts, args[2], args[3], args[4]),
+                          (grad, args[0], args[1], args[2], args[3], args[4], counts),
                           test_utils=utils)
     args = _sce_args(NONE)
     counts = ct.masked_multigroup_softmax_ce_triton(*args)[1]
     grad = torch.randn(3, len(GROUPS), dtype=torch.float64, generator=gen(3))
     torch.library.opcheck(ops.masked_multigroup_softmax_ce_triton_backward.default,
-                          (grad, args[0], args[1], counts, args[2], args[3]), test_utils=utils)
+                          (grad, args[0], args[1], args[2], args[3], counts), test_utils=utils)
 
 
 @needs_interpreter
@@ -549,7 +549,7 @@ def test_meta_shapes():
         x.double(), t, list(GROUPS), MEAN)
     assert loss.shape == () and loss.dtype == torch.float64 and counts.dtype == torch.int64
     g = torch.ops.vcfast.masked_multigroup_bce_triton_backward(
-        torch.empty((), device="meta"), x.half(), t, counts, list(GROUPS), None, SUM)
+        torch.empty((), device="meta"), x.half(), t, list(GROUPS), None, SUM, counts)
     assert g.shape == (3, 11) and g.dtype == torch.float16
 
 

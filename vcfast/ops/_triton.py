@@ -57,7 +57,8 @@ def define_op(name: str, impl, *, use_triton_op: bool):
 
 
 def require_runnable(name: str, t: torch.Tensor, *, kernels: ModuleType | None,
-                     import_error: str | None, interpreted: bool, module: str, fallback: str) -> None:
+                     import_error: str | None, interpreted: bool, module: str,
+                     fallback: str) -> None:
     """Raises a RuntimeError saying why op ``name`` cannot run on ``t`` here, if it cannot."""
     if kernels is None:
         raise RuntimeError(f"{name}: the Triton backend needs the triton package, which failed to "

@@ -1,4 +1,4 @@
-"""Masked multi-group classification losses (SPEC §3), fused.
+"""Masked multi-group classification losses, fused (docs/ops.md#masked-multi-group-losses).
 
 The discriminator's classifier predicts several label groups at once (speaker 1421,
 birthplace 53, sex 2 for the StarGAN-VC corpus): ``logits`` and ``targets`` are ``[N, C]``
@@ -13,8 +13,8 @@ Two losses, with the same reductions:
 
     l = (1 - t) x + c (log1p(exp(-|x|)) + max(-x, 0))
 
-``masked_multigroup_softmax_ce`` (one softmax per group, seed 000). A known group must be
-one-hot; per known (sample, group)::
+``masked_multigroup_softmax_ce`` (one softmax per group). A known group must be one-hot;
+per known (sample, group)::
 
     S = logsumexp(x[group]) - x[class]
 
@@ -41,6 +41,21 @@ import torch
 import torch.nn.functional as F
 
 from vcfast import _extension
+from vcfast.ops._backend import TRITON_FIRST, resolve_backend
+from vcfast.ops._classification_common import (
+    REDUCTIONS,
+    SECOND_DERIVATIVE_ERROR,
+    SOFTMAX_REASONS,
+    STATUS_BAD_VALUE,
+    STATUS_MIXED,
+    STATUS_NO_POSITIVE,
+    STATUS_TWO_POSITIVES,
+    STATUS_UNKNOWN,
+    check_args,
+    group_sizes,
+    loss_dtype,
+    reduce,
+)
 
 __all__ = [
     "REDUCTIONS",
@@ -50,78 +65,12 @@ __all__ = [
     "masked_multigroup_softmax_ce_reference",
 ]
 
-BACKENDS = ("reference", "cpu", "cuda", "triton")
-# Codes of the registered ops' `reduction` argument.
-REDUCTIONS = {"none": 0, "sum": 1, "mean": 2, "group_mean": 3}
-_LOGIT_DTYPES = frozenset({torch.float16, torch.bfloat16, torch.float32, torch.float64})
-_TARGET_DTYPES = frozenset({torch.int8, torch.int16, torch.int32, torch.int64, torch.float16,
-                            torch.bfloat16, torch.float32, torch.float64})
-SECOND_DERIVATIVE_ERROR = (
-    "vcfast.masked_multigroup_bce / masked_multigroup_softmax_ce: second derivatives (a double "
-    "backward, create_graph=True) are not implemented by the fused backends 'cpu', 'cuda' and "
-    "'triton'; use backend='reference' where one is needed")
-# Reasons of the softmax target checks; the C++ kernels use the same words.
-_SOFTMAX_REASONS = {
-    2: "holds a value outside {-1, 0, 1}",
-    3: "mixes -1 with 0/1 (a group is either known, one-hot, or all -1)",
-    4: "has no positive (all 0; use -1 for an unknown group)",
-    5: "has two or more positives (a known group must be one-hot)",
-}
-
 
 # ---------------------------------------------------------------------------------------------
 # Validation (cheap: no pass over the data; the target values are checked by the kernels)
 
 
-def _group_sizes(op: str, groups, n_cols: int) -> tuple[int, ...]:
-    sizes = getattr(groups, "sizes", groups)  # a LabelSpace-like object or a sequence
-    if not isinstance(sizes, (list, tuple)):
-        raise TypeError(f"{op}: `groups` must be a list/tuple of group sizes (ints), "
-                        f"got {type(sizes).__name__}")
-    if len(sizes) == 0:
-        raise ValueError(f"{op}: `groups` must list at least one group size, got []")
-    for size in sizes:
-        if isinstance(size, bool) or not isinstance(size, int):
-            raise TypeError(f"{op}: `groups` must hold ints, got {sizes!r}")
-        if size < 1:
-            raise ValueError(f"{op}: every group size must be >= 1, got {list(sizes)}")
-    total = sum(sizes)
-    if total != n_cols:
-        raise ValueError(f"{op}: `groups` {list(sizes)} sum to {total}, but `logits` have "
-                         f"C={n_cols} columns")
-    return tuple(sizes)
-
-
-def _check_args(op: str, logits, targets, groups, pos_weight=None) -> tuple[int, ...]:
-    """Validates shapes, dtypes, devices and groups; returns the group sizes as a tuple."""
-    if not isinstance(logits, torch.Tensor):
-        raise TypeError(f"{op}: `logits` must be a torch.Tensor, got {type(logits).__name__}")
-    if not isinstance(targets, torch.Tensor):
-        raise TypeError(f"{op}: `targets` must be a torch.Tensor, got {type(targets).__name__}")
-    if logits.dtype not in _LOGIT_DTYPES:
-        raise TypeError(f"{op}: `logits` must be a floating tensor (float16, bfloat16, float32 "
-                        f"or float64), got {logits.dtype}")
-    if targets.dtype not in _TARGET_DTYPES:
-        raise TypeError(f"{op}: `targets` must be int8/int16/int32/int64 or floating with values "
-                        f"-1, 0, 1 (uint8 and bool cannot hold -1), got {targets.dtype}")
-    if logits.dim() != 2:
-        raise ValueError(f"{op}: `logits` must be 2-D [N, C], got shape {tuple(logits.shape)}")
-    if targets.shape != logits.shape:
-        raise ValueError(f"{op}: `targets` shape {tuple(targets.shape)} must equal `logits` "
-                         f"shape {tuple(logits.shape)}")
-    if targets.device != logits.device:
-        raise ValueError(f"{op}: `targets` is on {targets.device} but `logits` on "
-                         f"{logits.device}; move them to one device")
-    if pos_weight is not None:
-        if not isinstance(pos_weight, torch.Tensor) or not pos_weight.is_floating_point():
-            raise TypeError(f"{op}: `pos_weight` must be a floating tensor of shape [C] or None")
-        if pos_weight.shape != logits.shape[1:]:
-            raise ValueError(f"{op}: `pos_weight` must have shape [C]=[{logits.shape[1]}], got "
-                             f"{tuple(pos_weight.shape)}")
-        if pos_weight.device != logits.device:
-            raise ValueError(f"{op}: `pos_weight` is on {pos_weight.device} but `logits` on "
-                             f"{logits.device}")
-    return _group_sizes(op, groups, logits.shape[1])
+_group_sizes = group_sizes  # the name vcfast.nn.classification imports
 
 
 def _reduction_code(op: str, reduction: str) -> int:
@@ -132,50 +81,8 @@ def _reduction_code(op: str, reduction: str) -> int:
 
 
 def _pick_backend(op: str, backend: str | None, device: torch.device) -> str:
-    if backend is not None and backend not in BACKENDS:
-        raise ValueError(f"{op}: unknown backend {backend!r}; choose one of {BACKENDS}")
-    kind = device.type
-    if kind == "cpu":
-        if backend is None:
-            return "cpu" if _extension.EXTENSION_LOADED else "reference"
-        if backend == "cuda":
-            raise ValueError(f"{op}: backend 'cuda' cannot run on a CPU tensor; use 'cpu' or "
-                             "'reference', or move the tensors to a GPU")
-        if backend == "cpu" and not _extension.EXTENSION_LOADED:
-            raise RuntimeError(f"{op}: backend 'cpu' needs the compiled extension vcfast._C, "
-                               f"which failed to load: {_extension.build_info()['extension_error']}")
-        if backend == "triton" and not (_extension.triton_available()
-                                        and _extension.triton_interpret()):
-            raise ValueError(f"{op}: backend 'triton' runs on CPU tensors only under "
-                             "TRITON_INTERPRET=1 (for testing); use 'cpu' or 'reference'")
-        return backend
-    if kind == "cuda":
-        if backend is None:
-            if _extension.triton_available():
-                return "triton"
-            return "cuda" if _extension.extension_has_cuda() else "reference"
-        if backend == "cpu":
-            raise ValueError(f"{op}: backend 'cpu' cannot run on a CUDA tensor; use 'triton', "
-                             "'cuda' or 'reference', or move the tensors to the CPU")
-        if backend == "cuda" and not _extension.extension_has_cuda():
-            raise RuntimeError(f"{op}: backend 'cuda' needs vcfast._C built with CUDA "
-                               f"({_extension.build_info()})")
-        if backend == "triton" and not _extension.triton_available():
-            raise RuntimeError(f"{op}: backend 'triton' needs the triton package")
-        return backend
-    if kind == "meta":
-        # Shape-only tensors: the registered op's fake implementation gives the shapes.
-        if backend is None:
-            return "cpu" if _extension.EXTENSION_LOADED else "reference"
-        return backend
-    if backend not in (None, "reference"):
-        raise ValueError(f"{op}: backend {backend!r} cannot run on a {kind} tensor; only "
-                         "'reference' can")
-    return "reference"
-
-
-def _loss_dtype(logits: torch.Tensor) -> torch.dtype:
-    return torch.float64 if logits.dtype == torch.float64 else torch.float32
+    """The backend of a loss call (vcfast.ops._backend; CUDA default: triton, then cuda)."""
+    return resolve_backend(op, backend, device, cuda_order=TRITON_FIRST)
 
 
 def _eager_checks(x: torch.Tensor) -> bool:
@@ -193,19 +100,6 @@ def _per_group_sum(values: torch.Tensor, sizes: tuple[int, ...]) -> torch.Tensor
     return torch.stack([part.sum(1) for part in values.split(sizes, 1)], 1)
 
 
-def _reduce(S: torch.Tensor, K: torch.Tensor, code: int) -> torch.Tensor:
-    """The reductions of the module docstring from S, K [N, G]; never NaN."""
-    if code == 0:
-        return S
-    if code == 1:
-        return S.sum()
-    if code == 2:
-        return S.sum() / K.sum().clamp(min=1)  # S is 0 wherever K is, so 0 when all masked
-    counts = K.sum(0)
-    per_group = S.sum(0) / counts.clamp(min=1)
-    return per_group.sum() / (counts > 0).sum().clamp(min=1)
-
-
 def _check_target_values(op: str, targets: torch.Tensor) -> None:
     bad = ~((targets == -1) | (targets == 0) | (targets == 1))  # NaN is bad too
     if bad.any():
@@ -220,11 +114,11 @@ def masked_multigroup_bce_reference(
 ) -> torch.Tensor:
     """Masked multi-group sigmoid CE in plain PyTorch (the semantics every backend follows)."""
     op = "vcfast.masked_multigroup_bce"
-    sizes = _check_args(op, logits, targets, groups, pos_weight)
+    sizes = check_args(op, logits, targets, groups, pos_weight)
     code = _reduction_code(op, reduction)
     if _eager_checks(targets):
         _check_target_values(op, targets)
-    dtype = _loss_dtype(logits)
+    dtype = loss_dtype(logits)
     valid = targets != -1
     positive = (targets == 1).to(dtype)  # compared in the targets' own dtype: exact
     pw = None if pos_weight is None else pos_weight.to(dtype)
@@ -232,23 +126,22 @@ def masked_multigroup_bce_reference(
     loss = F.binary_cross_entropy_with_logits(logits.to(dtype), positive, pos_weight=pw,
                                               reduction="none")
     loss = torch.where(valid, loss, 0.0)
-    return _reduce(_per_group_sum(loss, sizes), _per_group_sum(valid.to(dtype), sizes), code)
+    return reduce(_per_group_sum(loss, sizes), _per_group_sum(valid.to(dtype), sizes), code)[0]
 
 
 def _softmax_status(targets: torch.Tensor, sizes: tuple[int, ...]) -> torch.Tensor:
-    """[N, G] codes of classification_math.h: 0 ok, 1 unknown, 2 bad value, 3 mixed,
-    4 no positive, 5 two or more positives."""
+    """[N, G] status codes (STATUS_* of vcfast.ops._classification_common)."""
     columns = []
     for t in targets.split(sizes, 1):
         unknown = (t == -1).sum(1)
         positive = (t == 1).sum(1)
         bad = (~((t == -1) | (t == 0) | (t == 1))).sum(1)
         status = torch.zeros_like(unknown)
-        status = torch.where(positive > 1, 5, status)
-        status = torch.where(positive == 0, 4, status)
-        status = torch.where(unknown > 0, 3, status)
-        status = torch.where(unknown == t.shape[1], 1, status)
-        columns.append(torch.where(bad > 0, 2, status))
+        status = torch.where(positive > 1, STATUS_TWO_POSITIVES, status)
+        status = torch.where(positive == 0, STATUS_NO_POSITIVE, status)
+        status = torch.where(unknown > 0, STATUS_MIXED, status)
+        status = torch.where(unknown == t.shape[1], STATUS_UNKNOWN, status)
+        columns.append(torch.where(bad > 0, STATUS_BAD_VALUE, status))
     return torch.stack(columns, 1)
 
 
@@ -257,23 +150,23 @@ def masked_multigroup_softmax_ce_reference(
 ) -> torch.Tensor:
     """Masked per-group softmax CE in plain PyTorch (the semantics every backend follows)."""
     op = "vcfast.masked_multigroup_softmax_ce"
-    sizes = _check_args(op, logits, targets, groups)
+    sizes = check_args(op, logits, targets, groups)
     code = _reduction_code(op, reduction)
     if _eager_checks(targets):
         status = _softmax_status(targets, sizes)
-        errors = (status >= 2).flatten().nonzero()
+        errors = (status >= STATUS_BAD_VALUE).flatten().nonzero()
         if len(errors):
             n, g = divmod(int(errors[0]), len(sizes))
             off = sum(sizes[:g])
             code = int(status[n, g])
             found = ""
-            if code == 2:
+            if code == STATUS_BAD_VALUE:
                 t = targets[n, off:off + sizes[g]]
                 j = int((~((t == -1) | (t == 0) | (t == 1))).nonzero()[0])
                 found = f" (found {float(t[j]):g} at column {off + j})"
             raise ValueError(f"{op}: `targets` of sample {n}, group {g} (columns {off}.."
-                             f"{off + sizes[g] - 1}) {_SOFTMAX_REASONS[code]}{found}")
-    dtype = _loss_dtype(logits)
+                             f"{off + sizes[g] - 1}) {SOFTMAX_REASONS[code]}{found}")
+    dtype = loss_dtype(logits)
     S, K = [], []
     for x, t in zip(logits.to(dtype).split(sizes, 1), targets.split(sizes, 1)):
         known = (t != -1).all(1)
@@ -281,7 +174,7 @@ def masked_multigroup_softmax_ce_reference(
         loss = torch.logsumexp(x, 1) - x.gather(1, label)[:, 0]
         S.append(torch.where(known, loss, 0.0))
         K.append(known.to(dtype))
-    return _reduce(torch.stack(S, 1), torch.stack(K, 1), code)
+    return reduce(torch.stack(S, 1), torch.stack(K, 1), code)[0]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -293,7 +186,7 @@ if _extension.EXTENSION_LOADED:
     _SOFTMAX_OP = torch.ops.vcfast.masked_multigroup_softmax_ce.default
 
     def _fake_outputs(logits, groups, reduction):
-        dtype = _loss_dtype(logits)
+        dtype = loss_dtype(logits)
         shape = (logits.shape[0], len(groups)) if reduction == 0 else ()
         return (logits.new_empty(shape, dtype=dtype), logits.new_empty((len(groups),), dtype=dtype))
 
@@ -389,7 +282,7 @@ def masked_multigroup_bce(
             uint8/bool targets.
     """
     op = "vcfast.masked_multigroup_bce"
-    sizes = _check_args(op, logits, targets, groups, pos_weight)
+    sizes = check_args(op, logits, targets, groups, pos_weight)
     code = _reduction_code(op, reduction)
     backend = _pick_backend(op, backend, logits.device)
     if backend == "cpu" or backend == "cuda":
@@ -429,7 +322,7 @@ def masked_multigroup_softmax_ce(
         argument errors of :func:`masked_multigroup_bce`.
     """
     op = "vcfast.masked_multigroup_softmax_ce"
-    sizes = _check_args(op, logits, targets, groups)
+    sizes = check_args(op, logits, targets, groups)
     code = _reduction_code(op, reduction)
     backend = _pick_backend(op, backend, logits.device)
     if backend == "cpu" or backend == "cuda":

@@ -1,8 +1,10 @@
 """Triton backend of the fused masked multi-group classification losses.
 
-Contract: /tmp/specs/loss_semantics.md (element losses, masking with target -1, the one-hot
-rule of the softmax loss, reductions, error types). Kernels and their math:
-``vcfast/kernels/classification.py`` (repository path ``kernels/classification.py``).
+Contract: docs/ops.md#masked-multi-group-losses (element losses, masking with target -1, the
+one-hot rule of the softmax loss, reductions, error types). Kernels and their math:
+``vcfast/kernels/classification.py`` (repository path ``kernels/classification.py``). The
+reduction codes, softmax status codes and messages, argument checks and reductions are those
+of the other backends (vcfast.ops._classification_common).
 
 Public functions (2-D inputs of any strides: the kernels take per-tensor strides, nothing is
 copied; the gradient comes back as a contiguous [N, C] tensor of the logits dtype):
@@ -18,21 +20,23 @@ copied; the gradient comes back as a contiguous [N, C] tensor of the logits dtyp
 per group. The loss is float32, or float64 for float64 logits. Both are differentiable with
 respect to ``logits`` only (``pos_weight`` and ``targets`` get no gradient).
 
-Registered ops (schemas take ``groups`` as ``int[]``):
+Registered ops (schemas take ``groups`` as ``int[]``; the arguments in the order of the C++
+ops ``vcfast::masked_multigroup_bce`` etc., csrc/ops.cpp):
 
 * ``vcfast::masked_multigroup_bce_triton(logits, targets, groups, pos_weight?, reduction)``
-* ``vcfast::masked_multigroup_bce_triton_backward(grad, logits, targets, group_counts,
-  groups, pos_weight?, reduction) -> grad_logits``
+* ``vcfast::masked_multigroup_bce_triton_backward(grad, logits, targets, groups, pos_weight?,
+  reduction, group_counts) -> grad_logits``
 * ``vcfast::masked_multigroup_softmax_ce_triton(logits, targets, groups, reduction)``
-* ``vcfast::masked_multigroup_softmax_ce_triton_backward(grad, logits, targets,
-  group_counts, groups, reduction) -> grad_logits``
+* ``vcfast::masked_multigroup_softmax_ce_triton_backward(grad, logits, targets, groups,
+  reduction, group_counts) -> grad_logits``
 
 The forward ops save only ``logits, targets, pos_weight`` and the [G] ``group_counts`` for
 the backward, which recomputes everything in one kernel launch.
 
 How it runs: the forward kernel (one program per row, looping over the groups and over
 BLOCK-wide chunks of each group) writes per-(row, group) partial sums S, valid counts K and a
-target-violation flag to [N, G] buffers; the requested reduction is a few deterministic
+target-violation flag (BCE: a count of bad
+values; softmax: a STATUS_* code) to [N, G] buffers; the requested reduction is a few deterministic
 torch ops on those tiny tensors. Target validation: in eager mode the forward raises
 ValueError naming the first bad (sample, group) -- this costs one host sync per call. Under
 torch.compile with the real GPU kernels (``torch.library.triton_op``) the forward is traced
@@ -59,8 +63,24 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
-from vcfast.ops._triton import (check_grid, define_op, is_interpreted, launch_device,
-                                load_kernels, triton)
+from vcfast.ops._classification_common import (
+    REDUCTIONS,
+    SECOND_DERIVATIVE_ERROR,
+    SOFTMAX_REASONS,
+    STATUS_BAD_VALUE,
+    check_args,
+    loss_dtype,
+    reduce,
+)
+from vcfast.ops._triton import (
+    check_grid,
+    define_op,
+    is_interpreted,
+    launch_device,
+    load_kernels,
+    require_runnable,
+    triton,
+)
 
 __all__ = [
     "masked_multigroup_bce_triton",
@@ -71,11 +91,6 @@ __all__ = [
 ]
 
 _kernels, TRITON_IMPORT_ERROR = load_kernels("classification")
-
-REDUCTIONS = {"none": 0, "sum": 1, "mean": 2, "group_mean": 3}
-
-_TARGET_DTYPES = (torch.int8, torch.int16, torch.int32, torch.int64,
-                  torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 # Chunk width of the column loops: next power of two of the largest group, clamped to
 # [_MIN_BLOCK, _MAX_BLOCK] (a group wider than BLOCK takes several chunks). Module globals so
@@ -137,47 +152,10 @@ def _num_warps(block: int) -> int:
     return 8 if block >= 1024 else 4
 
 
-def _out_dtype(logits: Tensor) -> torch.dtype:
-    return torch.float64 if logits.dtype == torch.float64 else torch.float32
-
-
 def _check_inputs(name: str, logits: Tensor, targets: Tensor, groups: Sequence[int],
                   pos_weight: Tensor | None, reduction: int) -> None:
-    if not logits.dtype.is_floating_point:
-        raise TypeError(f"{name}: logits must be a floating-point tensor (float16, bfloat16, "
-                        f"float32 or float64), got {logits.dtype}")
-    if targets.dtype not in _TARGET_DTYPES:
-        raise TypeError(f"{name}: targets must have one of the dtypes int8, int16, int32, int64, "
-                        f"float16, bfloat16, float32, float64 (values -1, 0, 1), got "
-                        f"{targets.dtype}")
-    if logits.dim() != 2 or targets.dim() != 2:
-        raise ValueError(f"{name}: logits and targets must be 2-D [N, C], got logits "
-                         f"{tuple(logits.shape)} and targets {tuple(targets.shape)}")
-    if logits.shape != targets.shape:
-        raise ValueError(f"{name}: logits and targets must have the same shape, got "
-                         f"{tuple(logits.shape)} and {tuple(targets.shape)}")
-    if targets.device != logits.device:
-        raise ValueError(f"{name}: targets must be on the logits' device {logits.device}, got "
-                         f"{targets.device}")
-    if len(groups) == 0:
-        raise ValueError(f"{name}: groups must be a non-empty list of group sizes")
-    if any(int(s) < 1 for s in groups):
-        raise ValueError(f"{name}: every group size must be >= 1, got groups={list(groups)}")
-    n_cols = logits.shape[1]
-    torch._check_value(sum(int(s) for s in groups) == n_cols,
-                       lambda: f"{name}: groups must sum to C = {n_cols} (the number of "
-                               f"columns), got groups={list(groups)} summing to "
-                               f"{sum(int(s) for s in groups)}")
-    if pos_weight is not None:
-        if not pos_weight.dtype.is_floating_point:
-            raise TypeError(f"{name}: pos_weight must be floating-point, got {pos_weight.dtype}")
-        if pos_weight.dim() != 1 or pos_weight.shape[0] != n_cols:
-            raise ValueError(f"{name}: pos_weight must have shape [C] = [{n_cols}], got "
-                             f"{tuple(pos_weight.shape)}")
-        if pos_weight.device != logits.device:
-            raise ValueError(f"{name}: pos_weight must be on the logits' device "
-                             f"{logits.device}, got {pos_weight.device}")
-    if reduction not in (0, 1, 2, 3):
+    check_args(name, logits, targets, groups, pos_weight)
+    if reduction not in REDUCTIONS.values():
         raise ValueError(f"{name}: reduction must be 0 (none), 1 (sum), 2 (mean) or "
                          f"3 (group_mean), got {reduction!r}")
 
@@ -194,22 +172,6 @@ def _check_grad(name: str, grad: Tensor, logits: Tensor, group_counts: Tensor,
     if tuple(group_counts.shape) != (n_groups,) or group_counts.device != logits.device:
         raise ValueError(f"{name}: group_counts must be [{n_groups}] on {logits.device}, got "
                          f"{tuple(group_counts.shape)} on {group_counts.device}")
-
-
-def _reduce(s: Tensor, k: Tensor, reduction: int) -> tuple[Tensor, Tensor]:
-    """(loss, group_counts) from the [N, G] partials (a few deterministic torch ops)."""
-    counts = k.sum(0, dtype=torch.int64)
-    if reduction == 0:
-        return s, counts
-    if reduction == 1:
-        return s.sum(), counts
-    if reduction == 2:
-        total = counts.sum()
-        return s.sum() / total.clamp_min(1).to(s.dtype), counts
-    present = counts > 0
-    per_group = s.sum(0) / counts.clamp_min(1).to(s.dtype)
-    n_present = present.sum().clamp_min(1).to(s.dtype)
-    return torch.where(present, per_group, 0.0).sum() / n_present, counts
 
 
 def _group_weights(grad: Tensor, group_counts: Tensor, n_rows: int, n_groups: int,
@@ -236,18 +198,13 @@ def _group_weights(grad: Tensor, group_counts: Tensor, n_rows: int, n_groups: in
     return w.contiguous()
 
 
-_SOFTMAX_REASONS = {
-    1: "two or more positives (entries equal to 1)",
-    2: "no positive (no entry equal to 1) although the group is not all -1",
-    3: "mixes -1 with 0/1 (a group is either all -1 = unknown, or one-hot)",
-    4: "values outside {-1, 0, 1} (NaN included)",
-}
-
-
 def _raise_on_flags(name: str, flags: Tensor, targets: Tensor, groups: Sequence[int],
                     softmax: bool) -> None:
-    """Eager only: one host sync; raises ValueError naming the first bad (sample, group)."""
-    bad = torch.nonzero(flags)
+    """Eager only: one host sync; raises ValueError naming the first bad (sample, group).
+
+    ``flags``: per (sample, group) the number of bad values (BCE) or the status (softmax).
+    """
+    bad = torch.nonzero(flags >= STATUS_BAD_VALUE if softmax else flags)
     if bad.shape[0] == 0:
         return
     n, g = (int(v) for v in bad[0].tolist())
@@ -256,7 +213,7 @@ def _raise_on_flags(name: str, flags: Tensor, targets: Tensor, groups: Sequence[
     where = (f"sample {n}, group {g} (columns {lo}:{hi}; {bad.shape[0]} bad (sample, group) "
              f"pair(s) in all)")
     if softmax:
-        reason = _SOFTMAX_REASONS.get(int(flags[n, g]), "invalid targets")
+        reason = SOFTMAX_REASONS[int(flags[n, g])]
         raise ValueError(f"{name}: targets of {where}: {reason}")
     row = targets[n, lo:hi]
     rowf = row.double()
@@ -267,7 +224,7 @@ def _raise_on_flags(name: str, flags: Tensor, targets: Tensor, groups: Sequence[
 
 def _empty_partials(logits: Tensor, n_groups: int) -> tuple[Tensor, Tensor, Tensor]:
     n_rows = logits.shape[0]
-    s = torch.empty((n_rows, n_groups), dtype=_out_dtype(logits), device=logits.device)
+    s = torch.empty((n_rows, n_groups), dtype=loss_dtype(logits), device=logits.device)
     k = torch.empty((n_rows, n_groups), dtype=torch.int32, device=logits.device)
     flags = torch.empty((n_rows, n_groups), dtype=torch.int32, device=logits.device)
     return s, k, flags
@@ -304,7 +261,7 @@ def _bce_forward_impl(logits: Tensor, targets: Tensor, groups: list[int],
     else:
         s.zero_()
         k.zero_()
-    return _reduce(s, k, reduction)
+    return reduce(s, k, reduction)
 
 
 def _bce_backward_impl(grad: Tensor, logits: Tensor, targets: Tensor, group_counts: Tensor,
@@ -318,7 +275,7 @@ def _bce_backward_impl(grad: Tensor, logits: Tensor, targets: Tensor, group_coun
     if n_rows == 0:
         return grad_logits
     eager = _not_tracing(logits, targets, pos_weight)
-    w = _group_weights(grad, group_counts, n_rows, n_groups, reduction, _out_dtype(logits))
+    w = _group_weights(grad, group_counts, n_rows, n_groups, reduction, loss_dtype(logits))
     block = _block(groups)
     has_pw = pos_weight is not None
     check_grid(name, (n_rows,))
@@ -354,7 +311,7 @@ def _sce_forward_impl(logits: Tensor, targets: Tensor, groups: list[int],
     else:
         s.zero_()
         k.zero_()
-    return _reduce(s, k, reduction)
+    return reduce(s, k, reduction)
 
 
 def _sce_backward_impl(grad: Tensor, logits: Tensor, targets: Tensor, group_counts: Tensor,
@@ -368,7 +325,7 @@ def _sce_backward_impl(grad: Tensor, logits: Tensor, targets: Tensor, group_coun
     if n_rows == 0:
         return grad_logits
     eager = _not_tracing(logits, targets)
-    w = _group_weights(grad, group_counts, n_rows, n_groups, reduction, _out_dtype(logits))
+    w = _group_weights(grad, group_counts, n_rows, n_groups, reduction, loss_dtype(logits))
     block = _block(groups)
     check_grid(name, (n_rows,))
     with launch_device(logits):
@@ -445,15 +402,30 @@ _SCE_BWD_NAME = "vcfast::masked_multigroup_softmax_ce_triton_backward"
 
 def _fake_forward(logits: Tensor, n_groups: int, reduction: int) -> tuple[Tensor, Tensor]:
     shape = (logits.shape[0], n_groups) if reduction == 0 else ()
-    return (logits.new_empty(shape, dtype=_out_dtype(logits)),
+    return (logits.new_empty(shape, dtype=loss_dtype(logits)),
             logits.new_empty((n_groups,), dtype=torch.int64))
+
+
+# The backward ops take their arguments in the order of the C++ backward ops
+# (vcfast::masked_multigroup_bce_backward etc.: group_counts last).
+
+
+def _bce_backward_op_impl(grad: Tensor, logits: Tensor, targets: Tensor, groups: list[int],
+                          pos_weight: Tensor | None, reduction: int,
+                          group_counts: Tensor) -> Tensor:
+    return _bce_backward_impl(grad, logits, targets, group_counts, groups, pos_weight, reduction)
+
+
+def _sce_backward_op_impl(grad: Tensor, logits: Tensor, targets: Tensor, groups: list[int],
+                          reduction: int, group_counts: Tensor) -> Tensor:
+    return _sce_backward_impl(grad, logits, targets, group_counts, groups, reduction)
 
 
 if _kernels is not None:
     _bce_fwd_op = define_op(_BCE_FWD_NAME, _bce_forward_impl, use_triton_op=USES_TRITON_OP)
-    _bce_bwd_op = define_op(_BCE_BWD_NAME, _bce_backward_impl, use_triton_op=USES_TRITON_OP)
+    _bce_bwd_op = define_op(_BCE_BWD_NAME, _bce_backward_op_impl, use_triton_op=USES_TRITON_OP)
     _sce_fwd_op = define_op(_SCE_FWD_NAME, _sce_forward_impl, use_triton_op=USES_TRITON_OP)
-    _sce_bwd_op = define_op(_SCE_BWD_NAME, _sce_backward_impl, use_triton_op=USES_TRITON_OP)
+    _sce_bwd_op = define_op(_SCE_BWD_NAME, _sce_backward_op_impl, use_triton_op=USES_TRITON_OP)
     if not USES_TRITON_OP:  # interpreter: custom ops need explicit fakes
 
         @_bce_fwd_op.register_fake
@@ -462,8 +434,8 @@ if _kernels is not None:
             return _fake_forward(logits, len(groups), reduction)
 
         @_bce_bwd_op.register_fake
-        def _bce_backward_fake(grad, logits, targets, group_counts, groups, pos_weight,
-                               reduction):
+        def _bce_backward_fake(grad, logits, targets, groups, pos_weight, reduction,
+                               group_counts):
             name = _BCE + "_backward"
             _check_inputs(name, logits, targets, groups, pos_weight, reduction)
             _check_grad(name, grad, logits, group_counts, len(groups), reduction)
@@ -475,7 +447,7 @@ if _kernels is not None:
             return _fake_forward(logits, len(groups), reduction)
 
         @_sce_bwd_op.register_fake
-        def _sce_backward_fake(grad, logits, targets, group_counts, groups, reduction):
+        def _sce_backward_fake(grad, logits, targets, groups, reduction, group_counts):
             name = _SCE + "_backward"
             _check_inputs(name, logits, targets, groups, None, reduction)
             _check_grad(name, grad, logits, group_counts, len(groups), reduction)
@@ -489,8 +461,8 @@ if _kernels is not None:
 
     def _bce_backward(ctx, grad, _grad_counts):
         logits, targets, pos_weight, group_counts = ctx.saved_tensors
-        grad_logits = _bce_bwd_op(grad, logits, targets, group_counts, ctx.groups, pos_weight,
-                                  ctx.reduction)
+        grad_logits = _bce_bwd_op(grad, logits, targets, ctx.groups, pos_weight, ctx.reduction,
+                                  group_counts)
         return grad_logits, None, None, None, None
 
     def _sce_setup_context(ctx, inputs, output):
@@ -500,16 +472,14 @@ if _kernels is not None:
 
     def _sce_backward(ctx, grad, _grad_counts):
         logits, targets, group_counts = ctx.saved_tensors
-        grad_logits = _sce_bwd_op(grad, logits, targets, group_counts, ctx.groups,
-                                  ctx.reduction)
+        grad_logits = _sce_bwd_op(grad, logits, targets, ctx.groups, ctx.reduction,
+                                  group_counts)
         return grad_logits, None, None, None
 
     _bce_fwd_op.register_autograd(_bce_backward, setup_context=_bce_setup_context)
     _sce_fwd_op.register_autograd(_sce_backward, setup_context=_sce_setup_context)
 
     def _no_second_derivative(ctx, grad):
-        from vcfast.ops.classification import SECOND_DERIVATIVE_ERROR
-
         raise RuntimeError(SECOND_DERIVATIVE_ERROR)
 
     _bce_bwd_op.register_autograd(_no_second_derivative)
@@ -517,12 +487,10 @@ if _kernels is not None:
 
 
 def _check_runnable(name: str, logits: Tensor) -> None:
-    if _kernels is None:
-        raise RuntimeError(f"{name}: the Triton backend needs the triton package, which failed "
-                           f"to import ({TRITON_IMPORT_ERROR})")
-    if logits.device.type == "cpu" and not _kernels_interpreted():
-        raise RuntimeError(f"{name}: CPU tensors need TRITON_INTERPRET=1 set before "
-                           "vcfast.kernels.classification is imported (the Triton interpreter)")
+    require_runnable(name, logits, kernels=_kernels, import_error=TRITON_IMPORT_ERROR,
+                     interpreted=_kernels_interpreted(), module="classification",
+                     fallback="vcfast.masked_multigroup_bce / masked_multigroup_softmax_ce "
+                              "with backend 'cpu', 'cuda' or 'reference'")
 
 
 def _groups_list(groups: Sequence[int]) -> list[int]:

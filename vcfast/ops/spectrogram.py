@@ -1,4 +1,4 @@
-"""Fused STFT -> magnitude -> log -> normalisation (SPEC §2), with presets.
+"""Fused STFT -> magnitude -> log -> normalisation, with presets (docs/ops.md#log-spectrogram).
 
 Per kept bin k and frame f of a waveform x (all presets are this one recipe):
 
@@ -42,6 +42,7 @@ from dataclasses import dataclass
 import torch
 
 from vcfast import _extension
+from vcfast.ops._backend import CUDA_FIRST, resolve_backend
 
 __all__ = [
     "PRESETS",
@@ -54,7 +55,6 @@ __all__ = [
 
 _WINDOWS = ("hamming", "hann", "rectangular")
 _NORMALIZATIONS = ("range", "standardize", "none")
-BACKENDS = ("reference", "cpu", "cuda", "triton")
 _PRECISIONS = ("ieee", "tf32", "bf16")
 SECOND_DERIVATIVE_ERROR = (
     "vcfast.log_spectrogram: second derivatives (a double backward, create_graph=True) are not "
@@ -150,11 +150,14 @@ class SpectrogramConfig:
         # Default: the floor maps to 0 and a full-scale magnitude (s = 1) maps to 1.
         return math.log(max(self.log_floor, self.log_offset)), 0.0
 
-    def make_window(self, dtype: torch.dtype, device: torch.device | str | None = None) -> torch.Tensor:
+    def make_window(self, dtype: torch.dtype,
+                    device: torch.device | str | None = None) -> torch.Tensor:
         if self.window == "hamming":
-            return torch.hamming_window(self.n_fft, periodic=self.periodic_window, dtype=dtype, device=device)
+            return torch.hamming_window(self.n_fft, periodic=self.periodic_window, dtype=dtype,
+                                        device=device)
         if self.window == "hann":
-            return torch.hann_window(self.n_fft, periodic=self.periodic_window, dtype=dtype, device=device)
+            return torch.hann_window(self.n_fft, periodic=self.periodic_window, dtype=dtype,
+                                     device=device)
         return torch.ones(self.n_fft, dtype=dtype, device=device)
 
     def make_affine(
@@ -209,26 +212,27 @@ class SpectrogramConfig:
 
 
 PRESETS: dict[str, SpectrogramConfig] = {
-    # SPEC §2, seeds 000/001: 66 304 samples -> 256 bins (15.6 Hz .. 4 kHz) x 256 frames in [0, 1].
+    # 66 304 samples -> 256 bins (15.6 Hz .. 4 kHz) x 256 frames in [0, 1].
     "stargan_vc": SpectrogramConfig(
         sample_rate=16000, n_fft=1024, hop=256, window="hamming", periodic_window=False,
         magnitude_scale=1024.0, power=1.0, bin_lo=1, bin_hi=257, log_floor=1e-3,
         normalization="range",
     ),
-    # SPEC §2, seed 003: 16 384 samples + 128 zeros -> 128 bins x 128 frames in [-1, 1].
+    # 16 384 samples + 128 zeros -> 128 bins x 128 frames in [-1, 1].
     "specgan": SpectrogramConfig(
         sample_rate=16000, n_fft=256, hop=128, window="hann", periodic_window=True, pad_end=128,
         magnitude_scale=1.0, power=1.0, bin_lo=0, bin_hi=128, log_offset=1e-6,
         normalization="standardize", std_divisor=3.0, clip=(-1.0, 1.0),
     ),
 }
-# esc50_mel (seed 004) needs a mel filterbank matmul between the magnitude and the log, which
+# esc50_mel needs a mel filterbank matmul between the magnitude and the log, which
 # is not a per-bin epilogue; it is left out of this op rather than bolted on (see README).
 
 _FIELDS = {f.name for f in dataclasses.fields(SpectrogramConfig)}
 
 
-def resolve_config(preset: str | SpectrogramConfig = "stargan_vc", **overrides) -> SpectrogramConfig:
+def resolve_config(preset: str | SpectrogramConfig = "stargan_vc",
+                   **overrides) -> SpectrogramConfig:
     """The preset's configuration with ``overrides`` applied, validated."""
     if isinstance(preset, SpectrogramConfig):
         base = preset
@@ -298,7 +302,8 @@ if _extension.EXTENSION_LOADED:
         # check_finite are configuration.
         return (grad_wave,) + (None,) * (3 + len(_SCALAR_NAMES) + 1)
 
-    torch.library.register_autograd("vcfast::log_spectrogram", _backward, setup_context=_setup_context)
+    torch.library.register_autograd("vcfast::log_spectrogram", _backward,
+                                    setup_context=_setup_context)
 
     def _no_second_derivative(ctx, grad):
         raise RuntimeError(SECOND_DERIVATIVE_ERROR)
@@ -314,7 +319,8 @@ if _extension.EXTENSION_LOADED:
 
 def _check_wave(wave: torch.Tensor) -> None:
     if not isinstance(wave, torch.Tensor):
-        raise TypeError(f"log_spectrogram: `wave` must be a torch.Tensor, got {type(wave).__name__}")
+        raise TypeError(f"log_spectrogram: `wave` must be a torch.Tensor, got "
+                        f"{type(wave).__name__}")
     if wave.is_complex() or not wave.is_floating_point():
         raise TypeError(
             f"log_spectrogram: `wave` must be a real floating tensor (float32/float64; "
@@ -324,45 +330,10 @@ def _check_wave(wave: torch.Tensor) -> None:
 
 
 def _pick_backend(backend: str | None, device: torch.device) -> str:
-    if backend is not None and backend not in BACKENDS:
-        raise ValueError(f"log_spectrogram: unknown backend {backend!r}; choose one of {BACKENDS}")
-    if device.type == "cuda":
-        if backend is None:  # see the module docstring for why cuda comes first
-            if _extension.extension_has_cuda():
-                return "cuda"
-            return "triton" if _extension.triton_available() else "reference"
-        if backend == "cpu":
-            raise ValueError("log_spectrogram: backend 'cpu' cannot run on a CUDA tensor; use "
-                             "'triton', 'cuda' or 'reference', or move the tensor to the CPU")
-        if backend == "cuda" and not _extension.extension_has_cuda():
-            raise RuntimeError("log_spectrogram: backend 'cuda' needs vcfast._C built with CUDA "
-                               f"({_extension.build_info()})")
-        if backend == "triton" and not _extension.triton_available():
-            raise RuntimeError("log_spectrogram: backend 'triton' needs the triton package")
-        return backend
-    if device.type == "meta":
-        # Shape-only tensors (memory estimation): the registered op's fake implementation
-        # allocates exactly what the fused kernel does, unlike the reference chain.
-        if backend is None:
-            return "cpu" if _extension.EXTENSION_LOADED else "reference"
-        return backend
-    if device.type != "cpu":
-        if backend not in (None, "reference"):
-            raise ValueError(f"log_spectrogram: backend {backend!r} cannot run on a {device.type} "
-                             "tensor; only 'reference' can")
-        return "reference"
-    if backend is None:
-        return "cpu" if _extension.EXTENSION_LOADED else "reference"
-    if backend == "cuda":
-        raise ValueError("log_spectrogram: backend 'cuda' cannot run on a CPU tensor; use 'cpu' "
-                         "or 'reference', or move the tensor to a GPU")
-    if backend == "cpu" and not _extension.EXTENSION_LOADED:
-        raise RuntimeError("log_spectrogram: backend 'cpu' needs the compiled extension "
-                           f"vcfast._C, which failed to load: {_extension.build_info()['extension_error']}")
-    if backend == "triton" and not (_extension.triton_available() and _extension.triton_interpret()):
-        raise ValueError("log_spectrogram: backend 'triton' runs on CPU tensors only under "
-                         "TRITON_INTERPRET=1 (for testing); use 'cpu' or 'reference'")
-    return backend
+    """The backend of a call (vcfast.ops._backend). CUDA default: cuda, then triton (see the
+    module docstring for why); meta tensors default to the registered op, whose fake
+    implementation allocates exactly what the fused kernel does, unlike the reference chain."""
+    return resolve_backend("log_spectrogram", backend, device, cuda_order=CUDA_FIRST)
 
 
 def _resolve_nan_policy(nan_policy: str, device: torch.device) -> str:
@@ -383,7 +354,8 @@ def _apply(
     _check_wave(wave)
     nan_policy = _resolve_nan_policy(nan_policy, wave.device)
     if precision not in _PRECISIONS:
-        raise ValueError(f"log_spectrogram: precision must be one of {_PRECISIONS}, got {precision!r}")
+        raise ValueError(f"log_spectrogram: precision must be one of {_PRECISIONS}, got "
+                         f"{precision!r}")
     backend = _pick_backend(backend, wave.device)
     compute_dtype = torch.float64 if wave.dtype == torch.float64 else torch.float32
     batch_shape = wave.shape[:-1]
@@ -396,7 +368,8 @@ def _apply(
             f"log_spectrogram: `wave` has {wave.shape[-1]} samples"
             + (f" (+{config.pad_end} padding)" if config.pad_end else "")
             + f", shorter than one frame of n_fft={config.n_fft}")
-    window, shift, scale = (t.to(device=x.device, dtype=compute_dtype) for t in (window, shift, scale))
+    window, shift, scale = (t.to(device=x.device, dtype=compute_dtype)
+                            for t in (window, shift, scale))
     scalars = config.kernel_scalars()
     check_finite = nan_policy == "raise"
     if backend in ("cpu", "cuda"):
@@ -406,8 +379,9 @@ def _apply(
         if check_finite and x.device.type != "meta" and not torch.compiler.is_compiling():
             used = (config.n_frames(wave.shape[-1]) - 1) * config.hop + config.n_fft
             if not torch.isfinite(x[:, :used]).all():
-                raise ValueError("log_spectrogram: `wave` contains NaN or Inf (nan_policy='raise'); "
-                                 "clean the audio or pass nan_policy='propagate'")
+                raise ValueError("log_spectrogram: `wave` contains NaN or Inf "
+                                 "(nan_policy='raise'); clean the audio or pass "
+                                 "nan_policy='propagate'")
         if backend == "triton":
             from vcfast.ops.spectrogram_triton import log_spectrogram_triton
 
