@@ -1,4 +1,5 @@
-"""LabelConcatConv2d against nn.Conv2d on cat(x, tile(c)); label-table kernels against references."""
+"""LabelConcatConv2d against nn.Conv2d on cat(x, tile(c)); label-table kernels against
+references."""
 
 import itertools
 
@@ -11,7 +12,8 @@ from vcfast import _extension
 from vcfast.nn.label_conv import LabelConcatConv2d
 from vcfast.ops import label_conv as lc
 
-needs_kernels = pytest.mark.skipif(not (_extension.has_op("label_table_add") and _extension.has_op("label_table_grad")),
+needs_kernels = pytest.mark.skipif(not (_extension.has_op("label_table_add")
+                                        and _extension.has_op("label_table_grad")),
                                    reason="vcfast._C without the label-table kernels (rebuild)")
 
 
@@ -59,7 +61,8 @@ def test_exact_vs_tiled_conv_float64(k, s, p):
     _compare(cx=2, cc=3, o=4, k=k, s=s, p=p, h=h, w=w, batch=1, dtype=torch.float64)
 
 
-@pytest.mark.parametrize("k,s,p,hw", [((3, 5), (1, 2), (2, 1), (7, 13)), ((4, 4), 2, (1, 3), (5, 6)),
+@pytest.mark.parametrize("k,s,p,hw", [((3, 5), (1, 2), (2, 1), (7, 13)),
+                                      ((4, 4), 2, (1, 3), (5, 6)),
                                       (2, 3, 4, (3, 3)), (5, 1, 0, (5, 8))])
 def test_exact_pairs_and_edge_cases_float64(k, s, p, hw):
     # asymmetric kernels/strides/paddings; padding >= kernel (rows with no valid tap)
@@ -71,15 +74,17 @@ def test_no_bias_and_batch_float64():
 
 
 def test_float32_tolerance():
-    _compare(cx=2, cc=17, o=8, k=4, s=2, p=1, h=15, w=16, batch=2, dtype=torch.float32, atol=1e-4, rtol=1e-4)
+    _compare(cx=2, cc=17, o=8, k=4, s=2, p=1, h=15, w=16, batch=2, dtype=torch.float32,
+             atol=1e-4, rtol=1e-4)
 
 
 def test_paper_first_layer_scaled_down():
     # The paper-size stem (docs/models.md#generator): 1 + 1479 label channels, 7x7 s1 p3 -> 64, no
     # bias; small spatial size
-    _compare(cx=1, cc=1479, o=64, k=7, s=1, p=3, h=9, w=10, batch=2, dtype=torch.float64, bias=False)
-    _compare(cx=1, cc=1479, o=64, k=7, s=1, p=3, h=9, w=10, batch=1, dtype=torch.float32, bias=False,
-             atol=1e-4, rtol=1e-4)
+    _compare(cx=1, cc=1479, o=64, k=7, s=1, p=3, h=9, w=10, batch=2, dtype=torch.float64,
+             bias=False)
+    _compare(cx=1, cc=1479, o=64, k=7, s=1, p=3, h=9, w=10, batch=1, dtype=torch.float32,
+             bias=False, atol=1e-4, rtol=1e-4)
 
 
 def test_state_dict_interchangeable():
@@ -93,8 +98,8 @@ def test_state_dict_interchangeable():
     torch.testing.assert_close(mod(x, c), _tiled_reference(conv, x, c), atol=1e-5, rtol=1e-5)
     conv2 = nn.Conv2d(9, 5, 3, stride=2, padding=1)
     conv2.load_state_dict(mod.state_dict())
-    torch.testing.assert_close(conv2(torch.cat([x, c[:, :, None, None].expand(-1, -1, 8, 7)], 1)), mod(x, c),
-                               atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(conv2(torch.cat([x, c[:, :, None, None].expand(-1, -1, 8, 7)], 1)),
+                               mod(x, c), atol=1e-5, rtol=1e-5)
 
 
 def test_from_conv_shares_parameters():
@@ -167,7 +172,8 @@ def test_cpu_kernels_match_reference(dtype):
     out = torch.ops.vcfast.label_table_add(conv, table, row_ids, col_ids)
     assert torch.equal(out, lc.label_table_add_reference(conv, table, row_ids, col_ids))
     grad = torch.ops.vcfast.label_table_grad(conv, row_ids, col_ids, 4, 5)
-    torch.testing.assert_close(grad, lc.label_table_grad_reference(conv, row_ids, col_ids, 4, 5), **_TOL[dtype])
+    torch.testing.assert_close(grad, lc.label_table_grad_reference(conv, row_ids, col_ids, 4, 5),
+                               **_TOL[dtype])
     # non-contiguous inputs
     nc = conv.transpose(2, 3).contiguous().transpose(2, 3)
     assert torch.equal(torch.ops.vcfast.label_table_add(nc, table, row_ids, col_ids), out)
@@ -189,7 +195,8 @@ def test_opcheck_cpu_ops():
     conv, table, row_ids, col_ids = _table_inputs(torch.float64)
     torch.library.opcheck(torch.ops.vcfast.label_table_add.default,
                           (conv.requires_grad_(), table.requires_grad_(), row_ids, col_ids))
-    torch.library.opcheck(torch.ops.vcfast.label_table_grad.default, (conv.detach(), row_ids, col_ids, 4, 5))
+    torch.library.opcheck(torch.ops.vcfast.label_table_grad.default,
+                          (conv.detach(), row_ids, col_ids, 4, 5))
 
 
 @needs_kernels
@@ -202,7 +209,8 @@ def test_module_uses_kernel_and_gradcheck():
 
 
 class _LargestAllocation(TorchDispatchMode):
-    """Largest numel among tensors produced with fresh storage (views of existing storage skipped)."""
+    """Largest numel among tensors produced with fresh storage (views of existing storage
+    skipped)."""
 
     def __init__(self, known):
         super().__init__()
@@ -255,7 +263,8 @@ def test_triton_kernels_match_reference(dtype):
     out = label_table_add_triton(conv, table, row_ids, col_ids)
     assert torch.equal(out, lc.label_table_add_reference(conv, table, row_ids, col_ids))
     grad = label_table_grad_triton(conv, row_ids, col_ids, 7, 7)
-    torch.testing.assert_close(grad, lc.label_table_grad_reference(conv, row_ids, col_ids, 7, 7), **_TOL[dtype])
+    torch.testing.assert_close(grad, lc.label_table_grad_reference(conv, row_ids, col_ids, 7, 7),
+                               **_TOL[dtype])
 
 
 @needs_triton
@@ -265,7 +274,9 @@ def test_triton_autograd_and_opcheck():
     conv, table, row_ids, col_ids = _table_inputs(torch.float64, b=1, o=2, h=3, w=4, r=2, s=3)
     conv.requires_grad_(True)
     table.requires_grad_(True)
-    torch.autograd.gradcheck(lambda a, t: label_table_add_triton(a, t, row_ids, col_ids), (conv, table))
-    torch.library.opcheck(torch.ops.vcfast.label_table_add_triton.default, (conv, table, row_ids, col_ids))
+    torch.autograd.gradcheck(lambda a, t: label_table_add_triton(a, t, row_ids, col_ids),
+                             (conv, table))
+    torch.library.opcheck(torch.ops.vcfast.label_table_add_triton.default,
+                          (conv, table, row_ids, col_ids))
     torch.library.opcheck(torch.ops.vcfast.label_table_grad_triton.default,
                           (conv.detach(), row_ids, col_ids, 2, 3))

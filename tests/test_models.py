@@ -30,9 +30,11 @@ def _randomise_norms(model: nn.Module, seed: int = 0) -> None:
     with torch.no_grad():
         for m in model.modules():
             if isinstance(m, nn.InstanceNorm2d):
-                m.weight.copy_(1 + 0.3 * torch.randn(m.weight.shape, generator=gen, dtype=m.weight.dtype))
+                m.weight.copy_(1 + 0.3 * torch.randn(m.weight.shape, generator=gen,
+                                                     dtype=m.weight.dtype))
                 m.bias.copy_(0.2 * torch.randn(m.bias.shape, generator=gen, dtype=m.bias.dtype))
-                m.running_mean.copy_(0.1 * torch.randn(m.running_mean.shape, generator=gen, dtype=F64))
+                m.running_mean.copy_(0.1 * torch.randn(m.running_mean.shape, generator=gen,
+                                                       dtype=F64))
                 m.running_var.copy_(0.5 + torch.rand(m.running_var.shape, generator=gen, dtype=F64))
 
 
@@ -130,7 +132,8 @@ def test_convert_shares_tensors():
     off_ids = {id(t) for t in [*official.parameters(), *official.buffers()]}
     lean_ts = [*lean.parameters(), *lean.buffers()]
     assert {id(t) for t in lean_ts} == off_ids
-    assert sum(p.numel() for p in lean.parameters()) == sum(p.numel() for p in official.parameters())
+    assert (sum(p.numel() for p in lean.parameters())
+            == sum(p.numel() for p in official.parameters()))
     x, c = _inputs()
     with torch.no_grad():
         official.main[0].weight.mul_(1.5)  # modify the official one ...
@@ -230,7 +233,8 @@ def test_paper_size_parameter_counts():
     n_g = sum(p.numel() for p in g.parameters())
     assert n_g == sum(p.numel() for p in o.parameters()) == 13_040_448
     assert abs(n_g / 1e6 - 13.0) < 0.05
-    assert g.c_dim == 1479 and g.conv_dim == 64 and g.repeat_num == 6 and g.out_activation == "sigmoid"
+    assert (g.c_dim == 1479 and g.conv_dim == 64 and g.repeat_num == 6
+            and g.out_activation == "sigmoid")
     d = OfficialDiscriminator.paper()
     assert OfficialDiscriminator is StarGANDiscriminator
     assert abs(sum(p.numel() for p in d.parameters()) / 1e6 - 93.1) < 0.05

@@ -14,7 +14,8 @@ from vcfast.data.synth import synthetic_speech
 from vcfast.ops.spectrogram import _pick_backend, resolve_config
 
 needs_extension = pytest.mark.skipif(
-    not _extension.EXTENSION_LOADED, reason="vcfast._C is not built (pip install --no-build-isolation -e .)"
+    not _extension.EXTENSION_LOADED,
+    reason="vcfast._C is not built (pip install --no-build-isolation -e .)",
 )
 
 
@@ -85,7 +86,8 @@ def test_measure_bin_stats_matches_direct_computation():
 CONFIGS = {
     "stargan_small": dict(n_fft=64, hop=16, magnitude_scale=64.0, bin_lo=1, bin_hi=17),
     "stargan": dict(),
-    "dc_and_nyquist": dict(n_fft=32, hop=8, bin_lo=0, bin_hi=None, window="hann", periodic_window=True),
+    "dc_and_nyquist": dict(n_fft=32, hop=8, bin_lo=0, bin_hi=None, window="hann",
+                           periodic_window=True),
     "odd_n_fft": dict(n_fft=15, hop=4, magnitude_scale=15.0, bin_lo=0, bin_hi=None),
     "power_2_clipped": dict(n_fft=32, hop=8, magnitude_scale=32.0, bin_lo=1, bin_hi=17, power=2.0,
                             log_floor=1e-4, clip=(0.2, 0.8)),
@@ -125,9 +127,12 @@ def test_cpu_gradient_matches_reference(name):
     g = torch.Generator().manual_seed(2)
     length = _lengths(config)[-1]
     x = ((torch.rand(2, length, generator=g, dtype=torch.float64) - 0.5) * 0.6).requires_grad_()
-    weight = torch.randn(2, config.n_bins, config.n_frames(length), generator=g, dtype=torch.float64)
-    (grad_ref,) = torch.autograd.grad((vcfast.log_spectrogram(x, config, backend="reference") * weight).sum(), x)
-    (grad_cpu,) = torch.autograd.grad((vcfast.log_spectrogram(x, config, backend="cpu") * weight).sum(), x)
+    weight = torch.randn(2, config.n_bins, config.n_frames(length), generator=g,
+                         dtype=torch.float64)
+    (grad_ref,) = torch.autograd.grad(
+        (vcfast.log_spectrogram(x, config, backend="reference") * weight).sum(), x)
+    (grad_cpu,) = torch.autograd.grad(
+        (vcfast.log_spectrogram(x, config, backend="cpu") * weight).sum(), x)
     torch.testing.assert_close(grad_cpu, grad_ref, atol=1e-10, rtol=1e-9)
     assert grad_ref.abs().max() > 0
 
@@ -141,13 +146,15 @@ def test_cpu_gradcheck_float64(name):
     config = resolve_config(config, n_fft=min(config.n_fft, 16), hop=min(config.hop, 5),
                             bin_lo=0, bin_hi=None, magnitude_scale=float(min(config.n_fft, 16)))
     x = ((torch.rand(2, 31, dtype=torch.float64) - 0.5) * 0.6).requires_grad_()
-    assert torch.autograd.gradcheck(lambda w: vcfast.log_spectrogram(w, config, backend="cpu"), (x,))
+    assert torch.autograd.gradcheck(lambda w: vcfast.log_spectrogram(w, config, backend="cpu"),
+                                    (x,))
 
 
 def test_reference_gradcheck_float64():
     config = resolve_config("stargan_vc", n_fft=16, hop=5, bin_lo=1, bin_hi=9, magnitude_scale=16.0)
     x = ((torch.rand(2, 31, dtype=torch.float64) - 0.5) * 0.6).requires_grad_()
-    assert torch.autograd.gradcheck(lambda w: vcfast.log_spectrogram(w, config, backend="reference"), (x,))
+    assert torch.autograd.gradcheck(
+        lambda w: vcfast.log_spectrogram(w, config, backend="reference"), (x,))
 
 
 @needs_extension
@@ -172,7 +179,8 @@ def test_half_inputs_are_computed_in_float32(dtype):
     x = speech_like(4096, dtype=dtype)
     y = vcfast.log_spectrogram(x)
     assert y.dtype == torch.float32
-    torch.testing.assert_close(y, vcfast.log_spectrogram(x.float(), backend="reference"), atol=2e-5, rtol=0)
+    torch.testing.assert_close(y, vcfast.log_spectrogram(x.float(), backend="reference"),
+                               atol=2e-5, rtol=0)
 
 
 @needs_extension
@@ -207,7 +215,8 @@ def test_meta_device_gives_shapes_without_compute():
 @needs_extension
 def test_torch_compile_has_no_graph_breaks():
     module = vcfast.nn.LogSpectrogram(n_fft=64, hop=16, magnitude_scale=64.0, bin_lo=1, bin_hi=17)
-    compiled = torch.compile(module, fullgraph=True)  # inductor; fullgraph=True turns a graph break into an error
+    # inductor; fullgraph=True turns a graph break into an error
+    compiled = torch.compile(module, fullgraph=True)
     x = (torch.rand(2, 300) - 0.5).requires_grad_()
     y = compiled(x)
     torch.testing.assert_close(y, module(x))
@@ -234,10 +243,12 @@ def test_too_short_raises():
         vcfast.log_spectrogram(torch.zeros(1000))
     # specgan pads 128 zeros first: 100 samples + 128 is still shorter than 256
     with pytest.raises(ValueError, match=r"100 samples \(\+128 padding\)"):
-        vcfast.log_spectrogram(torch.zeros(100), "specgan", mean=torch.zeros(128), std=torch.ones(128))
+        vcfast.log_spectrogram(torch.zeros(100), "specgan", mean=torch.zeros(128),
+                               std=torch.ones(128))
 
 
-@pytest.mark.parametrize("bad", [torch.zeros(2048, dtype=torch.int16), torch.zeros(2048, dtype=torch.complex64),
+@pytest.mark.parametrize("bad", [torch.zeros(2048, dtype=torch.int16),
+                                 torch.zeros(2048, dtype=torch.complex64),
                                  torch.zeros(2048, dtype=torch.bool)])
 def test_wrong_dtype_raises(bad):
     with pytest.raises(TypeError, match="real floating"):
@@ -364,7 +375,8 @@ def test_backward_accepts_any_gradient_layout():
     for reduce in (lambda y: y.sum(), lambda y: (y.transpose(1, 2) * weight_t).sum(),
                    lambda y: y[:, ::2].sum()):
         (g_cpu,) = torch.autograd.grad(reduce(vcfast.log_spectrogram(x, config, backend="cpu")), x)
-        (g_ref,) = torch.autograd.grad(reduce(vcfast.log_spectrogram(x, config, backend="reference")), x)
+        (g_ref,) = torch.autograd.grad(
+            reduce(vcfast.log_spectrogram(x, config, backend="reference")), x)
         torch.testing.assert_close(g_cpu, g_ref, atol=1e-10, rtol=1e-9)
 
 
