@@ -237,36 +237,48 @@ _BCE = "masked_multigroup_bce_triton"
 _SCE = "masked_multigroup_softmax_ce_triton"
 
 
-def _bce_forward_impl(logits: Tensor, targets: Tensor, groups: list[int],
-                      pos_weight: Tensor | None, reduction: int) -> tuple[Tensor, Tensor]:
-    _check_inputs(_BCE, logits, targets, groups, pos_weight, reduction)
+def _launch_args(name: str, logits: Tensor, targets: Tensor, groups: list[int],
+                 eager: bool) -> tuple[Tensor, tuple, dict]:
+    """What every launch passes: group offsets, the inputs' strides, the constexprs/warps."""
+    check_grid(name, (logits.shape[0],))
+    block = _block(groups)
+    strides = (logits.stride(0), logits.stride(1), targets.stride(0), targets.stride(1))
+    meta = {"IS_FP64": logits.dtype == torch.float64, "BLOCK": block,
+            "num_warps": _num_warps(block)}
+    return _offsets(groups, logits.device, eager), strides, meta
+
+
+def _forward(name: str, logits: Tensor, targets: Tensor, groups: list[int],
+             pos_weight: Tensor | None, reduction: int, softmax: bool) -> tuple[Tensor, Tensor]:
+    """The forward of either loss: one launch writing the [N, G] partials, then the reduction."""
+    _check_inputs(name, logits, targets, groups, pos_weight, reduction)
     eager = _not_tracing(logits, targets, pos_weight)
     n_rows, n_groups = logits.shape[0], len(groups)
     s, k, flags = _empty_partials(logits, n_groups)
-    if n_rows > 0:
-        block = _block(groups)
-        has_pw = pos_weight is not None
-        check_grid(_BCE, (n_rows,))
-        with launch_device(logits):
-            torch.library.wrap_triton(_kernels._masked_bce_fwd_kernel)[(n_rows,)](
-                logits, targets, pos_weight if has_pw else logits,
-                _offsets(groups, logits.device, eager), s, k, flags, n_groups,
-                logits.stride(0), logits.stride(1), targets.stride(0), targets.stride(1),
-                pos_weight.stride(0) if has_pw else 0,
-                HAS_PW=has_pw, IS_FP64=logits.dtype == torch.float64,
-                USE_LIBDEVICE=not _kernels_interpreted(), BLOCK=block, num_warps=_num_warps(block),
-            )
-        if eager:
-            _raise_on_flags(_BCE, flags, targets, groups, softmax=False)
-    else:
+    if n_rows == 0:
         s.zero_()
         k.zero_()
+        return reduce(s, k, reduction)
+    off, strides, meta = _launch_args(name, logits, targets, groups, eager)
+    with launch_device(logits):
+        if softmax:
+            torch.library.wrap_triton(_kernels._masked_softmax_ce_fwd_kernel)[(n_rows,)](
+                logits, targets, off, s, k, flags, n_groups, *strides, **meta)
+        else:
+            has_pw = pos_weight is not None
+            torch.library.wrap_triton(_kernels._masked_bce_fwd_kernel)[(n_rows,)](
+                logits, targets, pos_weight if has_pw else logits, off, s, k, flags, n_groups,
+                *strides, pos_weight.stride(0) if has_pw else 0,
+                HAS_PW=has_pw, USE_LIBDEVICE=not _kernels_interpreted(), **meta)
+    if eager:
+        _raise_on_flags(name, flags, targets, groups, softmax=softmax)
     return reduce(s, k, reduction)
 
 
-def _bce_backward_impl(grad: Tensor, logits: Tensor, targets: Tensor, group_counts: Tensor,
-                       groups: list[int], pos_weight: Tensor | None, reduction: int) -> Tensor:
-    name = _BCE + "_backward"
+def _backward(name: str, grad: Tensor, logits: Tensor, targets: Tensor, groups: list[int],
+              pos_weight: Tensor | None, reduction: int, group_counts: Tensor,
+              softmax: bool) -> Tensor:
+    """The backward of either loss (arguments in the C++ backward ops' order): one launch."""
     _check_inputs(name, logits, targets, groups, pos_weight, reduction)
     n_rows, n_cols = logits.shape
     n_groups = len(groups)
@@ -276,66 +288,61 @@ def _bce_backward_impl(grad: Tensor, logits: Tensor, targets: Tensor, group_coun
         return grad_logits
     eager = _not_tracing(logits, targets, pos_weight)
     w = _group_weights(grad, group_counts, n_rows, n_groups, reduction, loss_dtype(logits))
-    block = _block(groups)
-    has_pw = pos_weight is not None
-    check_grid(name, (n_rows,))
+    off, strides, meta = _launch_args(name, logits, targets, groups, eager)
     with launch_device(logits):
-        torch.library.wrap_triton(_kernels._masked_bce_bwd_kernel)[(n_rows,)](
-            logits, targets, pos_weight if has_pw else logits,
-            _offsets(groups, logits.device, eager), w, grad_logits, n_groups, n_cols,
-            logits.stride(0), logits.stride(1), targets.stride(0), targets.stride(1),
-            pos_weight.stride(0) if has_pw else 0, w.stride(0), w.stride(1),
-            HAS_PW=has_pw, IS_FP64=logits.dtype == torch.float64, BLOCK=block,
-            num_warps=_num_warps(block),
-        )
+        if softmax:
+            torch.library.wrap_triton(_kernels._masked_softmax_ce_bwd_kernel)[(n_rows,)](
+                logits, targets, off, w, grad_logits, n_groups, n_cols, *strides,
+                w.stride(0), w.stride(1), **meta)
+        else:
+            has_pw = pos_weight is not None
+            torch.library.wrap_triton(_kernels._masked_bce_bwd_kernel)[(n_rows,)](
+                logits, targets, pos_weight if has_pw else logits, off, w, grad_logits,
+                n_groups, n_cols, *strides, pos_weight.stride(0) if has_pw else 0,
+                w.stride(0), w.stride(1), HAS_PW=has_pw, **meta)
     return grad_logits
+
+
+# The registered ops' implementations; the backward ops take their arguments in the order of
+# the C++ backward ops (vcfast::masked_multigroup_bce_backward etc.: group_counts last).
+
+
+def _bce_forward_impl(logits: Tensor, targets: Tensor, groups: list[int],
+                      pos_weight: Tensor | None, reduction: int) -> tuple[Tensor, Tensor]:
+    return _forward(_BCE, logits, targets, groups, pos_weight, reduction, softmax=False)
+
+
+def _bce_backward_op_impl(grad: Tensor, logits: Tensor, targets: Tensor, groups: list[int],
+                          pos_weight: Tensor | None, reduction: int,
+                          group_counts: Tensor) -> Tensor:
+    return _backward(_BCE + "_backward", grad, logits, targets, groups, pos_weight, reduction,
+                     group_counts, softmax=False)
 
 
 def _sce_forward_impl(logits: Tensor, targets: Tensor, groups: list[int],
                       reduction: int) -> tuple[Tensor, Tensor]:
-    _check_inputs(_SCE, logits, targets, groups, None, reduction)
-    eager = _not_tracing(logits, targets)
-    n_rows, n_groups = logits.shape[0], len(groups)
-    s, k, flags = _empty_partials(logits, n_groups)
-    if n_rows > 0:
-        block = _block(groups)
-        check_grid(_SCE, (n_rows,))
-        with launch_device(logits):
-            torch.library.wrap_triton(_kernels._masked_softmax_ce_fwd_kernel)[(n_rows,)](
-                logits, targets, _offsets(groups, logits.device, eager), s, k, flags, n_groups,
-                logits.stride(0), logits.stride(1), targets.stride(0), targets.stride(1),
-                IS_FP64=logits.dtype == torch.float64, BLOCK=block, num_warps=_num_warps(block),
-            )
-        if eager:
-            _raise_on_flags(_SCE, flags, targets, groups, softmax=True)
-    else:
-        s.zero_()
-        k.zero_()
-    return reduce(s, k, reduction)
+    return _forward(_SCE, logits, targets, groups, None, reduction, softmax=True)
+
+
+def _sce_backward_op_impl(grad: Tensor, logits: Tensor, targets: Tensor, groups: list[int],
+                          reduction: int, group_counts: Tensor) -> Tensor:
+    return _backward(_SCE + "_backward", grad, logits, targets, groups, None, reduction,
+                     group_counts, softmax=True)
+
+
+# The backward launchers in their former argument order (group_counts before groups), as
+# tests/test_triton_launch_device.py calls them.
+
+
+def _bce_backward_impl(grad: Tensor, logits: Tensor, targets: Tensor, group_counts: Tensor,
+                       groups: list[int], pos_weight: Tensor | None, reduction: int) -> Tensor:
+    return _bce_backward_op_impl(grad, logits, targets, groups, pos_weight, reduction,
+                                 group_counts)
 
 
 def _sce_backward_impl(grad: Tensor, logits: Tensor, targets: Tensor, group_counts: Tensor,
                        groups: list[int], reduction: int) -> Tensor:
-    name = _SCE + "_backward"
-    _check_inputs(name, logits, targets, groups, None, reduction)
-    n_rows, n_cols = logits.shape
-    n_groups = len(groups)
-    _check_grad(name, grad, logits, group_counts, n_groups, reduction)
-    grad_logits = torch.empty((n_rows, n_cols), dtype=logits.dtype, device=logits.device)
-    if n_rows == 0:
-        return grad_logits
-    eager = _not_tracing(logits, targets)
-    w = _group_weights(grad, group_counts, n_rows, n_groups, reduction, loss_dtype(logits))
-    block = _block(groups)
-    check_grid(name, (n_rows,))
-    with launch_device(logits):
-        torch.library.wrap_triton(_kernels._masked_softmax_ce_bwd_kernel)[(n_rows,)](
-            logits, targets, _offsets(groups, logits.device, eager), w, grad_logits, n_groups,
-            n_cols, logits.stride(0), logits.stride(1), targets.stride(0), targets.stride(1),
-            w.stride(0), w.stride(1),
-            IS_FP64=logits.dtype == torch.float64, BLOCK=block, num_warps=_num_warps(block),
-        )
-    return grad_logits
+    return _sce_backward_op_impl(grad, logits, targets, groups, reduction, group_counts)
 
 
 def aot_launch_configs() -> list[dict]:
@@ -404,21 +411,6 @@ def _fake_forward(logits: Tensor, n_groups: int, reduction: int) -> tuple[Tensor
     shape = (logits.shape[0], n_groups) if reduction == 0 else ()
     return (logits.new_empty(shape, dtype=loss_dtype(logits)),
             logits.new_empty((n_groups,), dtype=torch.int64))
-
-
-# The backward ops take their arguments in the order of the C++ backward ops
-# (vcfast::masked_multigroup_bce_backward etc.: group_counts last).
-
-
-def _bce_backward_op_impl(grad: Tensor, logits: Tensor, targets: Tensor, groups: list[int],
-                          pos_weight: Tensor | None, reduction: int,
-                          group_counts: Tensor) -> Tensor:
-    return _bce_backward_impl(grad, logits, targets, group_counts, groups, pos_weight, reduction)
-
-
-def _sce_backward_op_impl(grad: Tensor, logits: Tensor, targets: Tensor, groups: list[int],
-                          reduction: int, group_counts: Tensor) -> Tensor:
-    return _sce_backward_impl(grad, logits, targets, group_counts, groups, reduction)
 
 
 if _kernels is not None:
