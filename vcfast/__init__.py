@@ -7,8 +7,8 @@ without the compiled extension; ``vcfast.backends()`` says which kernels can run
 from vcfast import data, labels, memory, metrics, models, nn
 from vcfast._extension import backends, build_info
 from vcfast.labels import LabelSpace
-from vcfast.models import convert_stargan
 from vcfast.metrics import multigroup_accuracy
+from vcfast.models import convert_stargan
 from vcfast.ops.classification import masked_multigroup_bce, masked_multigroup_softmax_ce
 from vcfast.ops.gradient_penalty import gradient_penalty
 from vcfast.ops.inverse import spectrogram_to_wave

@@ -292,9 +292,9 @@ def cmd_demo(args: argparse.Namespace) -> int:
     from vcfast.data import load_audio, peak_normalize, save_audio
     from vcfast.data.corpus import demo_corpus_dir, load_corpus
     from vcfast.train import TrainConfig, build_models, load_generator, train
-    from vcfast.train.loop import resolve_device
     from vcfast.train.checkpoint import write_atomically
     from vcfast.train.logs import save_spectrogram_png
+    from vcfast.train.loop import resolve_device
     from vcfast.voice import convert_wave, utterance_spectrogram
 
     demo_start = time.perf_counter()

@@ -34,12 +34,12 @@ AVX-512 CPU) or :class:`MeasuredConvScratch` (the convolution calls of a workloa
 from __future__ import annotations
 
 import contextlib
-import textwrap
-import sys
-import subprocess
-import os
-import json
 import copy
+import json
+import os
+import subprocess
+import sys
+import textwrap
 import threading
 import weakref
 from collections.abc import Callable, Iterable, Iterator

@@ -25,8 +25,8 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import dataclasses
 import ctypes
+import dataclasses
 import json
 import math
 import os
@@ -520,8 +520,10 @@ def _bits_impls(backend: str):
     if backend == "cpu":
         return torch.ops.vcfast.leaky_relu_with_bits, torch.ops.vcfast.scale_by_slope_bits
     if backend == "triton":
-        from vcfast.ops.slope_bits_triton import (leaky_relu_with_bits_triton,
-                                                  scale_by_slope_bits_triton)
+        from vcfast.ops.slope_bits_triton import (
+            leaky_relu_with_bits_triton,
+            scale_by_slope_bits_triton,
+        )
 
         return leaky_relu_with_bits_triton, scale_by_slope_bits_triton
     return slope_bits.leaky_relu_with_bits_reference, slope_bits.scale_by_slope_bits_reference

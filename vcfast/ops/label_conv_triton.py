@@ -22,8 +22,15 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from vcfast.ops._triton import (check_grid, define_op, is_interpreted, launch_device,
-                                load_kernels, require_runnable, triton)
+from vcfast.ops._triton import (
+    check_grid,
+    define_op,
+    is_interpreted,
+    launch_device,
+    load_kernels,
+    require_runnable,
+    triton,
+)
 from vcfast.ops.label_conv import _table_grad_backward, _table_grad_setup_context
 
 __all__ = ["label_table_add_triton", "label_table_grad_triton", "TRITON_IMPORT_ERROR", "USES_TRITON_OP"]

@@ -41,8 +41,15 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from vcfast.ops._triton import (check_grid, define_op, is_interpreted, launch_device,
-                                load_kernels, require_runnable, triton)
+from vcfast.ops._triton import (
+    check_grid,
+    define_op,
+    is_interpreted,
+    launch_device,
+    load_kernels,
+    require_runnable,
+    triton,
+)
 
 __all__ = [
     "leaky_relu_with_bits_triton",

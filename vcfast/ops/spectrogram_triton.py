@@ -35,9 +35,16 @@ import math
 import torch
 from torch import Tensor
 
+from vcfast.ops._triton import (
+    check_dot_tiles,
+    check_grid,
+    define_op,
+    is_interpreted,
+    launch_device,
+    load_kernels,
+    triton,
+)
 
-from vcfast.ops._triton import (check_dot_tiles, check_grid, define_op, is_interpreted,
-                                launch_device, load_kernels, triton)
 __all__ = ["log_spectrogram_triton", "TRITON_IMPORT_ERROR", "USES_TRITON_OP"]
 
 _kernels, TRITON_IMPORT_ERROR = load_kernels("spectrogram")
