@@ -22,7 +22,8 @@ from vcfast.kernels._common import to_output as _to_output
 
 @triton.jit
 def _label_table_add_kernel(conv_ptr, table_ptr, row_ptr, col_ptr, out_ptr, H, W, RS, S,
-                            IS_FP64: tl.constexpr, EMULATE_BF16_RNE: tl.constexpr, BLOCK: tl.constexpr):
+                            IS_FP64: tl.constexpr, EMULATE_BF16_RNE: tl.constexpr,
+                            BLOCK: tl.constexpr):
     plane = tl.program_id(0).to(tl.int64)
     blk = tl.program_id(1).to(tl.int64)
     offs = blk * BLOCK + tl.arange(0, BLOCK).to(tl.int64)
@@ -63,8 +64,8 @@ def _label_grad_cols_kernel(grad_ptr, col_ptr, tmp_ptr, W, S,
 
 @triton.jit
 def _label_grad_rows_kernel(tmp_ptr, row_ptr, out_ptr, H, R, S,
-                            IS_FP64: tl.constexpr, EMULATE_BF16_RNE: tl.constexpr, BLOCK_I: tl.constexpr,
-                            BLOCK_R: tl.constexpr, BLOCK_S: tl.constexpr):
+                            IS_FP64: tl.constexpr, EMULATE_BF16_RNE: tl.constexpr,
+                            BLOCK_I: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_S: tl.constexpr):
     plane = tl.program_id(0).to(tl.int64)
     r_idx = tl.arange(0, BLOCK_R)
     s_idx = tl.arange(0, BLOCK_S)

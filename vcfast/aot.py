@@ -5,8 +5,8 @@ its launcher can pick (``aot_launch_configs()`` of each ``vcfast.ops.*_triton`` 
 next to the launch code) for each target architecture, and reads the CUDA kernels of the
 built extension ``vcfast._C``; for every (kernel, configuration, target) it reports the
 registers, shared memory (static, plus the dynamic amount the launch asks for), local memory
-(register spills, and any stack the code needs) and threads, and whether the launch fits the architecture's limits.
-``format_kernel_report()`` prints it as a table.
+(register spills, and any stack the code needs) and threads, and whether the launch fits the
+architecture's limits. ``format_kernel_report()`` prints it as a table.
 
 How, with no GPU and no driver:
 

@@ -278,7 +278,8 @@ def _format_report_md(report: dict) -> str:
     if t["steps_done"] < 10_000:
         lines += ["", f"Note: {t['steps_done']} steps are a tiny fraction of the training a "
                   "StarGAN voice converter needs (typically 10^5 steps or more), so the converted "
-                  "audio shows the pipeline working end to end, not conversion quality. Train longer with `vcfast train` (ideally on a "
+                  "audio shows the pipeline working end to end, not conversion quality. "
+                  "Train longer with `vcfast train` (ideally on a "
                   "GPU) and convert with `vcfast convert`."]
     lines += ["", f"The whole demo took {report['total_seconds']:.0f} s.", "", "Files:", ""]
     lines += [f"- {k}: `{v}`" for k, v in report["files"].items() if v]
@@ -419,8 +420,9 @@ def cmd_memory(args: argparse.Namespace) -> int:
         notes.append(f"{args.autocast} autocast (fp32 weights, gradients and optimizer state)")
     if args.checkpoint:
         notes.append("vcfast with residual-block checkpointing")
-    print(f"one training iteration ({args.n_critic} D steps with gradient penalty + 1 G step), paper-size "
-          f"StarGAN, batch {args.batch}, {args.dtype}, 1x{args.image_size}x{args.image_size}"
+    print(f"one training iteration ({args.n_critic} D steps with gradient penalty + 1 G step), "
+          f"paper-size StarGAN, batch {args.batch}, {args.dtype}, "
+          f"1x{args.image_size}x{args.image_size}"
           f"{'; ' + '; '.join(notes) if notes else ''}; estimated on the meta device "
           "(tensor bytes; no allocator rounding or kernel workspaces)")
     results = {impl: estimate_iteration(args.batch, implementation=impl, **options[impl])
@@ -439,7 +441,8 @@ def cmd_memory(args: argparse.Namespace) -> int:
                 for impl in ("reference", "vcfast")}
         print(f"\n{'largest batch that fits':34}{'reference (official)':>22}{'vcfast':>10}")
         for budget in budgets:
-            print(f"{budget / gib:>10.0f} GiB{'':20}{fits['reference'][budget]:>22}{fits['vcfast'][budget]:>10}")
+            print(f"{budget / gib:>10.0f} GiB{'':20}"
+                  f"{fits['reference'][budget]:>22}{fits['vcfast'][budget]:>10}")
     return 0
 
 
@@ -509,13 +512,15 @@ def build_parser() -> argparse.ArgumentParser:
                          help="InstanceNorm statistics at conversion: each window's own (default, "
                               "as in training) or the running averages (eval mode)")
     convert.set_defaults(func=cmd_convert)
-    mem = sub.add_parser("memory", help="memory of one StarGAN-VC training iteration, official vs vcfast")
+    mem = sub.add_parser("memory",
+                         help="memory of one StarGAN-VC training iteration, official vs vcfast")
     mem.add_argument("--batch", type=int, default=16)
     mem.add_argument("--dtype", default="fp32", choices=["fp32", "bf16", "fp16"])
     mem.add_argument("--image-size", type=int, default=256)
     mem.add_argument("--n-critic", type=int, default=5, help="D steps per G step (default 5)")
     mem.add_argument("--checkpoint", action="store_true",
-                     help="vcfast G recomputes its residual blocks in backward (activation checkpointing)")
+                     help="vcfast G recomputes its residual blocks in backward "
+                          "(activation checkpointing)")
     mem.add_argument("--autocast", choices=["bf16"], default=None,
                      help="bf16 autocast: fp32 weights, bf16 activations (with --dtype fp32)")
     mem.add_argument("--fits", default="6,8,12,24",

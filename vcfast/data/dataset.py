@@ -194,9 +194,10 @@ def make_loader(dataset, batch_size: int, *, workers: int = 0, seed: int = 0, ep
     """A DataLoader over ``dataset`` whose batches depend only on ``(seed, epoch)``.
 
     Sets ``dataset.set_epoch(epoch)`` (when it has one) and shuffles with a permutation drawn
-    from ``(seed, epoch)``; neither building nor iterating the loader touches the global RNG; with :class:`StarGANPairDataset` the batches are then identical for
-    any ``workers``. Build one loader per epoch. Workers use one intra-op thread each, because
-    the crops are cheap and the training process needs the cores.
+    from ``(seed, epoch)``; neither building nor iterating the loader touches the global RNG;
+    with :class:`StarGANPairDataset` the batches are then identical for any ``workers``. Build
+    one loader per epoch. Workers use one intra-op thread each, because the crops are cheap and
+    the training process needs the cores.
 
     Args:
         dataset: a map-style dataset (normally a :class:`StarGANPairDataset`).

@@ -13,7 +13,8 @@ def synthetic_speech(n: int = 66304, sr: int = 16000, seed: int = 0,
                      dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """Synthetic speech: sawtooth glottal source at a gliding f0 (100 -> 200 -> 100 Hz) through
     three formant resonances (vowels a/i/u, one per syllable, FFT-filtered), 4 Hz syllable
-    envelope with random loudness, a little noise, peak-normalised to 1. Returns ``[n]`` of ``dtype``.
+    envelope with random loudness, a little noise, peak-normalised to 1. Returns ``[n]`` of
+    ``dtype``.
 
     Not speech, but it has what the spectrogram tests and the demo need: harmonics with
     a moving pitch, formant structure, syllable-rate loudness changes and a noise floor."""
