@@ -108,10 +108,12 @@ class TrainingIteration:
         self.autocast_dtype = autocast_dtype
         self.autocast_device = autocast_device
         self._meta_autocast = (_MetaAutocast(autocast_dtype)
-                               if autocast_dtype is not None and autocast_device == "meta" else None)
+                               if autocast_dtype is not None and autocast_device == "meta"
+                               else None)
         if self._meta_autocast is not None and getattr(G, "checkpoint_residual_blocks", False):
-            raise ValueError("checkpoint_residual_blocks together with autocast is not supported on the meta "
-                             "device (the autocast emulation cannot follow checkpoint recomputation); "
+            raise ValueError("checkpoint_residual_blocks together with autocast is not supported "
+                             "on the meta device (the autocast emulation cannot follow checkpoint "
+                             "recomputation); "
                              "estimate them separately")
 
     def baseline_bytes(self) -> int:
@@ -184,7 +186,8 @@ class TrainingIteration:
             g_loss = g_loss + LAMBDA_REC * (G(x_fake, self.c_real) - x_real).pow(2).mean()
             if not self.lean:
                 g_loss = g_loss + LAMBDA_ID * (G(x_real, self.c_real) - x_real).pow(2).mean()
-            g_loss = g_loss + LAMBDA_FM * (D.features(x_fake) - D.features(self.x_orig).detach()).pow(2).mean()
+            g_loss = g_loss + LAMBDA_FM * (D.features(x_fake)
+                                           - D.features(self.x_orig).detach()).pow(2).mean()
         g_loss.backward()
         self.g_opt.step()
 
@@ -213,7 +216,8 @@ def _check_options(batch, implementation, dtype, autocast, workspace=None, n_cri
     if autocast not in (None, *_AUTOCAST):
         raise ValueError(f"autocast must be None or one of {sorted(_AUTOCAST)}, got {autocast!r}")
     if autocast is not None and dtype != "fp32":
-        raise ValueError(f"autocast={autocast!r} keeps fp32 weights: dtype must be 'fp32', got {dtype!r}")
+        raise ValueError(f"autocast={autocast!r} keeps fp32 weights: dtype must be 'fp32', "
+                         f"got {dtype!r}")
     if not callable(workspace) and workspace not in _WORKSPACES:
         raise ValueError("workspace must be None, 'onednn' or a scratch model (callable), "
                          f"got {workspace!r}")
@@ -222,8 +226,8 @@ def _check_options(batch, implementation, dtype, autocast, workspace=None, n_cri
 
 
 def build_iteration(batch: int = 16, *, implementation: str = "vcfast", dtype: str = "fp32",
-                    image_size: int = 256, label_space: LabelSpace | None = None, conv_dim: int = 64,
-                    n_critic: int = 5, device: str | torch.device = "meta",
+                    image_size: int = 256, label_space: LabelSpace | None = None,
+                    conv_dim: int = 64, n_critic: int = 5, device: str | torch.device = "meta",
                     checkpoint_residual_blocks: bool = False, autocast: str | None = None,
                     seed: int = 0) -> TrainingIteration:
     """Models (paper size by default), RMSprop optimizers (lr 1e-5, docs/training.md) with their
@@ -239,7 +243,8 @@ def build_iteration(batch: int = 16, *, implementation: str = "vcfast", dtype: s
     _check_options(batch, implementation, dtype, autocast, n_critic=n_critic)
     if checkpoint_residual_blocks and implementation != "vcfast":
         raise ValueError("checkpoint_residual_blocks applies to implementation='vcfast' only")
-    if isinstance(image_size, bool) or not isinstance(image_size, int) or image_size < 64 or image_size % 64:
+    if (isinstance(image_size, bool) or not isinstance(image_size, int) or image_size < 64
+            or image_size % 64):
         raise ValueError(f"image_size must be a positive multiple of 64, got {image_size!r}")
     labels = label_space if label_space is not None else LabelSpace()
     lean = implementation == "vcfast"
@@ -248,8 +253,10 @@ def build_iteration(batch: int = 16, *, implementation: str = "vcfast", dtype: s
     torch.manual_seed(seed)
     with torch.device(device):
         G = OfficialGenerator(conv_dim=conv_dim, c_dim=labels.input_dim)
-        D = StarGANDiscriminator(image_size=image_size, conv_dim=conv_dim, n_classes=labels.n_classes)
-    if param_dtype != torch.float32:  # (fake tensors cannot be converted in place: only when needed)
+        D = StarGANDiscriminator(image_size=image_size, conv_dim=conv_dim,
+                                 n_classes=labels.n_classes)
+    # (fake tensors cannot be converted in place: only when needed)
+    if param_dtype != torch.float32:
         G, D = G.to(param_dtype), D.to(param_dtype)
     if lean:
         G, D = convert_stargan(G), convert_stargan(D)
@@ -268,8 +275,9 @@ def build_iteration(batch: int = 16, *, implementation: str = "vcfast", dtype: s
     data = dict(x_real=x_real, x_orig=x_real.clone(), c_trg=c_trg,
                 c_real=c_trg,  # the real labels' vector: same shape, same memory
                 t_real=t_real)
-    return TrainingIteration(G, D, g_opt, d_opt, data, lean=lean, label_space=labels, n_critic=n_critic,
-                             autocast_dtype=_AUTOCAST.get(autocast), autocast_device=device.type)
+    return TrainingIteration(G, D, g_opt, d_opt, data, lean=lean, label_space=labels,
+                             n_critic=n_critic, autocast_dtype=_AUTOCAST.get(autocast),
+                             autocast_device=device.type)
 
 
 class _MetaAutocast(TorchFunctionMode):
@@ -330,7 +338,8 @@ class _MetaAutocast(TorchFunctionMode):
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         if self._in_region:
-            target = self.dtype if func in self._LOWER else torch.float32 if func in self._FP32 else None
+            target = (self.dtype if func in self._LOWER
+                      else torch.float32 if func in self._FP32 else None)
             if target is not None:
                 args, kwargs = tree_map(lambda t: self._cast(t, target), (args, kwargs))
         return func(*args, **kwargs)
@@ -359,7 +368,8 @@ def estimate_iteration(batch: int = 16, *, implementation: str = "vcfast", dtype
     iteration = build_iteration(batch, implementation=implementation, dtype=dtype,
                                 image_size=image_size, label_space=label_space, conv_dim=conv_dim,
                                 n_critic=n_critic, device=device,
-                                checkpoint_residual_blocks=checkpoint_residual_blocks, autocast=autocast)
+                                checkpoint_residual_blocks=checkpoint_residual_blocks,
+                                autocast=autocast)
     baseline = iteration.baseline_bytes()
     scratch = workspace if callable(workspace) else _WORKSPACES[workspace]
     tracker = LiveBytesTracker(baseline_bytes=baseline, scratch=scratch)
@@ -377,7 +387,8 @@ def estimate_iteration(batch: int = 16, *, implementation: str = "vcfast", dtype
     }
 
 
-def largest_batches(budgets_bytes: list[int], *, implementation: str = "vcfast", **kwargs) -> dict[int, int]:
+def largest_batches(budgets_bytes: list[int], *, implementation: str = "vcfast",
+                    **kwargs) -> dict[int, int]:
     """For each budget, the largest batch whose estimated iteration peak fits it (0 if none).
 
     Peak memory is affine in the batch (weights and optimizer state fixed, activations per
@@ -486,7 +497,8 @@ def measure_iteration(batch: int, *, implementation: str = "vcfast", image_size:
     info = raw["info"]
     before_ballast = raw["resident_before_ballast"]
     return {
-        "implementation": implementation, "batch": batch, "image_size": image_size, "conv_dim": conv_dim,
+        "implementation": implementation, "batch": batch, "image_size": image_size,
+        "conv_dim": conv_dim,
         "peak_allocated_bytes": raw["extra"],
         "d_steps_allocated_bytes": max(0, info["d_steps_max_rss"] - raw["baseline"]),
         "peak_bytes": before_ballast - info["process_bytes"] + raw["extra"],

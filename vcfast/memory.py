@@ -149,7 +149,8 @@ class LiveBytesTracker(TorchDispatchMode):
         return {k: self.baseline_bytes + v for k, v in self._phases.items()}
 
     def reset_peak(self) -> None:
-        """Restart the peak from the present live total (as ``torch.cuda.reset_peak_memory_stats``)."""
+        """Restart the peak from the present live total (as
+        ``torch.cuda.reset_peak_memory_stats``)."""
         self._peak_allocated = self._allocated
 
     @contextlib.contextmanager
@@ -381,7 +382,7 @@ _MEASURE = textwrap.dedent(
         out_bytes = nbytes(out)
     print(json.dumps({{"baseline": baseline, "peak": peak, "out_bytes": out_bytes,
                       "resident_before_ballast": before_ballast, "info": setup.get("info", {{}})}}))
-    """
+    """  # noqa: E501 (the child script's text is kept byte for byte)
 )
 
 

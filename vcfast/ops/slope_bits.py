@@ -96,7 +96,8 @@ if _extension.has_op("leaky_relu_with_bits"):
 
 
 def _use_kernel(t: torch.Tensor) -> bool:
-    return _extension.EXTENSION_LOADED and t.device.type == "cpu" and _extension.has_op("leaky_relu_with_bits")
+    return (_extension.EXTENSION_LOADED and t.device.type == "cpu"
+            and _extension.has_op("leaky_relu_with_bits"))
 
 
 def _use_triton(t: torch.Tensor) -> bool:
@@ -137,7 +138,8 @@ def scale_by_slope_bits(x: torch.Tensor, bits: torch.Tensor, negative_slope: flo
 _INPLACE_SLICE = 1 << 22
 
 
-def scale_by_slope_bits_(x: torch.Tensor, bits: torch.Tensor, negative_slope: float) -> torch.Tensor:
+def scale_by_slope_bits_(x: torch.Tensor, bits: torch.Tensor,
+                         negative_slope: float) -> torch.Tensor:
     """In-place :func:`scale_by_slope_bits`; returns ``x``.
 
     The passes of the lean gradient penalty never reuse the unscaled signal, so scaling it in
