@@ -29,10 +29,13 @@ def _is_residual_block(m: nn.Module) -> bool:
     if not all(type(layer) is k for layer, k in zip(main, kinds)):
         return False
     c1, n1, _, c2, n2 = main
-    return (c1.in_channels == c2.out_channels and c1.out_channels == n1.num_features == c2.in_channels
+    return (c1.in_channels == c2.out_channels
+            and c1.out_channels == n1.num_features == c2.in_channels
             and c2.out_channels == n2.num_features and c1.stride == (1, 1) and c2.stride == (1, 1)
-            and 2 * c1.padding[0] == c1.kernel_size[0] - 1 and 2 * c1.padding[1] == c1.kernel_size[1] - 1
-            and 2 * c2.padding[0] == c2.kernel_size[0] - 1 and 2 * c2.padding[1] == c2.kernel_size[1] - 1)
+            and 2 * c1.padding[0] == c1.kernel_size[0] - 1
+            and 2 * c1.padding[1] == c1.kernel_size[1] - 1
+            and 2 * c2.padding[0] == c2.kernel_size[0] - 1
+            and 2 * c2.padding[1] == c2.kernel_size[1] - 1)
 
 
 def _expect(layers, i: int, kind, what: str) -> nn.Module:
@@ -54,7 +57,8 @@ def _convert_generator(module: nn.Module, label_channels: int | None) -> StarGAN
         activation, end = "sigmoid", n - 1
     elif n and type(layers[-1]) is nn.Tanh:
         activation, end = "tanh", n - 1
-    final = _expect(layers[:end], end - 1, nn.Conv2d, "the final Conv2d (before Sigmoid/Tanh)") if end else None
+    final = (_expect(layers[:end], end - 1, nn.Conv2d, "the final Conv2d (before Sigmoid/Tanh)")
+             if end else None)
     if final is None:
         raise ValueError("convert_stargan: generator main is empty")
     body = layers[:end - 1]
@@ -68,8 +72,8 @@ def _convert_generator(module: nn.Module, label_channels: int | None) -> StarGAN
         _expect(body, i + 2, nn.ReLU, "ReLU after an InstanceNorm2d")
         i += 3
     if not convs:
-        raise ValueError(f"convert_stargan: generator main[0] is {_describe(layers[0])}; expected the "
-                         "first Conv2d over image ++ tiled labels")
+        raise ValueError(f"convert_stargan: generator main[0] is {_describe(layers[0])}; "
+                         "expected the first Conv2d over image ++ tiled labels")
     blocks = []
     while i < len(body) and _is_residual_block(body[i]):
         blocks.append(body[i])
@@ -77,12 +81,14 @@ def _convert_generator(module: nn.Module, label_channels: int | None) -> StarGAN
     ups, post_norms = [], []
     while i < len(body) and type(body[i]) is nn.ConvTranspose2d:
         ups.append(body[i])
-        post_norms.append(_expect(body, i + 1, nn.InstanceNorm2d, "InstanceNorm2d after a ConvTranspose2d"))
+        post_norms.append(_expect(body, i + 1, nn.InstanceNorm2d,
+                                  "InstanceNorm2d after a ConvTranspose2d"))
         _expect(body, i + 2, nn.ReLU, "ReLU after an InstanceNorm2d")
         i += 3
     if i != len(body):
-        raise ValueError(f"convert_stargan: generator main[{i}] is {_describe(body[i])}; expected a residual "
-                         "block (main = Conv2d, InstanceNorm2d, ReLU, Conv2d, InstanceNorm2d), a "
+        raise ValueError(f"convert_stargan: generator main[{i}] is {_describe(body[i])}; "
+                         "expected a residual block (main = Conv2d, InstanceNorm2d, ReLU, Conv2d, "
+                         "InstanceNorm2d), a "
                          "ConvTranspose2d, or the final Conv2d")
     if not ups:
         raise ValueError("convert_stargan: generator has no ConvTranspose2d up-sampling layer")
@@ -92,11 +98,12 @@ def _convert_generator(module: nn.Module, label_channels: int | None) -> StarGAN
         # Official layout: the output has as many channels as the image input.
         label_channels = stem.in_channels - final.out_channels
     if not 0 < label_channels < stem.in_channels:
-        raise ValueError(f"convert_stargan: cannot split the first conv's {stem.in_channels} input channels "
-                         f"into image + {label_channels} label channels; pass label_channels=")
+        raise ValueError(f"convert_stargan: cannot split the first conv's {stem.in_channels} "
+                         f"input channels into image + {label_channels} label channels; "
+                         "pass label_channels=")
     blocks = [LeanResidualBlock.from_official(b) for b in blocks]
-    return StarGANGenerator._from_modules(stem, label_channels, pre_norms, convs[1:], blocks, ups, post_norms,
-                                          final, activation, False)
+    return StarGANGenerator._from_modules(stem, label_channels, pre_norms, convs[1:], blocks, ups,
+                                          post_norms, final, activation, False)
 
 
 def _looks_like_discriminator(module: nn.Module) -> bool:
@@ -108,28 +115,34 @@ def _looks_like_discriminator(module: nn.Module) -> bool:
 def _convert_discriminator(module: nn.Module) -> StarGANDiscriminator:
     layers = list(module.main)
     if not layers or len(layers) % 2:
-        raise ValueError("convert_stargan: discriminator main must be [Conv2d, LeakyReLU] pairs, got "
-                         f"{len(layers)} layers")
+        raise ValueError("convert_stargan: discriminator main must be [Conv2d, LeakyReLU] pairs, "
+                         f"got {len(layers)} layers")
     slope = None
     for j in range(0, len(layers), 2):
         conv, act = layers[j], layers[j + 1]
         if type(conv) is not nn.Conv2d:
-            raise ValueError(f"convert_stargan: discriminator main[{j}] is {_describe(conv)}; expected Conv2d")
+            raise ValueError(f"convert_stargan: discriminator main[{j}] is {_describe(conv)}; "
+                             "expected Conv2d")
         if type(act) is not nn.LeakyReLU:
             raise ValueError(f"convert_stargan: discriminator main[{j + 1}] is {_describe(act)}; "
                              "expected LeakyReLU")
         if (conv.kernel_size, conv.stride, conv.padding) != ((4, 4), (2, 2), (1, 1)):
-            raise ValueError(f"convert_stargan: discriminator main[{j}] is not a 4x4 stride-2 padding-1 conv")
+            raise ValueError(f"convert_stargan: discriminator main[{j}] is not a 4x4 stride-2 "
+                             "padding-1 conv")
         if slope is not None and act.negative_slope != slope:
-            raise ValueError("convert_stargan: discriminator LeakyReLU slopes differ between layers")
+            raise ValueError("convert_stargan: discriminator LeakyReLU slopes differ between "
+                             "layers")
         slope = act.negative_slope
     repeat_num = len(layers) // 2
     conv1, conv2 = module.conv1, module.conv2
-    if conv1.out_channels != 1 or conv1.kernel_size != (3, 3) or conv1.stride != (1, 1) or conv1.padding != (1, 1):
-        raise ValueError("convert_stargan: discriminator conv1 must be a 3x3 s1 p1 conv to 1 channel")
-    if conv2.kernel_size[0] != conv2.kernel_size[1] or conv2.stride != (1, 1) or conv2.padding != (0, 0):
-        raise ValueError("convert_stargan: discriminator conv2 must be a square unpadded conv over the whole "
-                         "feature map")
+    if (conv1.out_channels != 1 or conv1.kernel_size != (3, 3) or conv1.stride != (1, 1)
+            or conv1.padding != (1, 1)):
+        raise ValueError("convert_stargan: discriminator conv1 must be a 3x3 s1 p1 conv to 1 "
+                         "channel")
+    if (conv2.kernel_size[0] != conv2.kernel_size[1] or conv2.stride != (1, 1)
+            or conv2.padding != (0, 0)):
+        raise ValueError("convert_stargan: discriminator conv2 must be a square unpadded conv over "
+                         "the whole feature map")
     d = StarGANDiscriminator.__new__(StarGANDiscriminator)
     nn.Module.__init__(d)
     d.main = module.main
@@ -166,8 +179,9 @@ def convert_stargan(module: nn.Module, label_channels: int | None = None) -> nn.
         return _convert_discriminator(module)
     main = getattr(module, "main", None)
     if not isinstance(main, nn.Sequential):
-        raise TypeError(f"convert_stargan: {type(module).__name__} has no `.main` nn.Sequential; expected an "
-                        "official-layout StarGAN Generator (main) or Discriminator (main, conv1, conv2)")
+        raise TypeError(f"convert_stargan: {type(module).__name__} has no `.main` nn.Sequential; "
+                        "expected an official-layout StarGAN Generator (main) or Discriminator "
+                        "(main, conv1, conv2)")
     g = _convert_generator(module, label_channels)
     g.train(module.training)
     return g

@@ -109,12 +109,14 @@ def inference_mode(generator: nn.Module, norm_statistics: str = "instance"):
     ``"running"``: plain ``eval()``, the norms use their running statistics.
     """
     if norm_statistics not in NORM_STATISTICS:
-        raise ValueError(f"norm_statistics must be one of {NORM_STATISTICS}, got {norm_statistics!r}")
+        raise ValueError(f"norm_statistics must be one of {NORM_STATISTICS}, "
+                         f"got {norm_statistics!r}")
     modes = [(m, m.training) for m in generator.modules()]
     generator.eval()
     try:
         if norm_statistics == "instance":
-            norms = [m for m in generator.modules() if isinstance(m, nn.modules.instancenorm._InstanceNorm)]
+            norms = [m for m in generator.modules()
+                     if isinstance(m, nn.modules.instancenorm._InstanceNorm)]
             for m in norms:
                 m.train()
             with _FrozenRunningStats(generator):
@@ -157,7 +159,8 @@ class StarGANGenerator(nn.Module):
             return nn.InstanceNorm2d(ch, affine=True, track_running_stats=True)
 
         # Created in the official order so that a given seed gives the official initialisation.
-        stem = nn.Conv2d(in_channels + c_dim, conv_dim, kernel_size=7, stride=1, padding=3, bias=False)
+        stem = nn.Conv2d(in_channels + c_dim, conv_dim, kernel_size=7, stride=1, padding=3,
+                         bias=False)
         pre_norms = [norm(conv_dim)]
         downs = []
         curr = conv_dim
@@ -168,12 +171,13 @@ class StarGANGenerator(nn.Module):
         blocks = [LeanResidualBlock(curr, curr) for _ in range(repeat_num)]
         ups, post_norms = [], []
         for _ in range(2):
-            ups.append(nn.ConvTranspose2d(curr, curr // 2, kernel_size=4, stride=2, padding=1, bias=False))
+            ups.append(nn.ConvTranspose2d(curr, curr // 2, kernel_size=4, stride=2, padding=1,
+                                          bias=False))
             post_norms.append(norm(curr // 2))
             curr //= 2
         final = nn.Conv2d(curr, in_channels, kernel_size=7, stride=1, padding=3, bias=False)
-        self._assemble(stem, c_dim, pre_norms, downs, blocks, ups, post_norms, final, out_activation,
-                       checkpoint_residual_blocks)
+        self._assemble(stem, c_dim, pre_norms, downs, blocks, ups, post_norms, final,
+                       out_activation, checkpoint_residual_blocks)
         self.autocast_bf16 = bool(autocast_bf16)
 
     def _assemble(self, stem: nn.Conv2d, c_dim: int, pre_norms, downs, blocks, ups, post_norms,
@@ -183,11 +187,13 @@ class StarGANGenerator(nn.Module):
         if len(pre_norms) != len(downs) + 1 or len(post_norms) != len(ups) or not ups:
             raise ValueError("StarGANGenerator: inconsistent layer lists")
         self.stem = LabelConcatConv2d.from_conv(stem, c_dim)
-        self.down = nn.ModuleList(InstanceNormReLUConv2d(n, c) for n, c in zip(pre_norms[:-1], downs))
+        self.down = nn.ModuleList(InstanceNormReLUConv2d(n, c)
+                                  for n, c in zip(pre_norms[:-1], downs))
         self.trunk_norm = pre_norms[-1]
         self.blocks = nn.ModuleList(blocks)
         self.up_in = ups[0]
-        self.up = nn.ModuleList(InstanceNormReLUConv2d(n, c) for n, c in zip(post_norms[:-1], ups[1:]))
+        self.up = nn.ModuleList(InstanceNormReLUConv2d(n, c)
+                                for n, c in zip(post_norms[:-1], ups[1:]))
         self.head = InstanceNormReLUConv2d(post_norms[-1], final)
         self.out_activation = out_activation
         self.checkpoint_residual_blocks = bool(checkpoint_residual_blocks)
@@ -206,12 +212,15 @@ class StarGANGenerator(nn.Module):
 
     @classmethod
     def paper(cls, label_space=None, out_activation: str = "sigmoid",
-              checkpoint_residual_blocks: bool = False, autocast_bf16: bool = False) -> "StarGANGenerator":
+              checkpoint_residual_blocks: bool = False,
+              autocast_bf16: bool = False) -> "StarGANGenerator":
         """Paper size (docs/models.md#generator); ``label_space`` (a vcfast.LabelSpace) sets
         ``c_dim`` (default 1479)."""
         c_dim = label_space.input_dim if label_space is not None else 1479
-        return cls(conv_dim=64, c_dim=c_dim, repeat_num=6, in_channels=1, out_activation=out_activation,
-                   checkpoint_residual_blocks=checkpoint_residual_blocks, autocast_bf16=autocast_bf16)
+        return cls(conv_dim=64, c_dim=c_dim, repeat_num=6, in_channels=1,
+                   out_activation=out_activation,
+                   checkpoint_residual_blocks=checkpoint_residual_blocks,
+                   autocast_bf16=autocast_bf16)
 
     def extra_repr(self) -> str:
         return (f"c_dim={self.c_dim}, out_activation={self.out_activation!r}, "
@@ -226,7 +235,8 @@ class StarGANGenerator(nn.Module):
                 # statistics are updated once, by the forward, without freezing them.
                 return checkpoint(block, h, use_reentrant=False)
             return checkpoint(block, h, use_reentrant=False,
-                              context_fn=lambda: (contextlib.nullcontext(), _FrozenRunningStats(block)))
+                              context_fn=lambda: (contextlib.nullcontext(),
+                                                  _FrozenRunningStats(block)))
         return block(h)
 
     def forward(self, x: Tensor, c: Tensor) -> Tensor:

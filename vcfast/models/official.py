@@ -56,14 +56,16 @@ class OfficialGenerator(nn.Module):
         act = _out_activation(out_activation)
 
         layers = []
-        layers.append(nn.Conv2d(in_channels + c_dim, conv_dim, kernel_size=7, stride=1, padding=3, bias=False))
+        layers.append(nn.Conv2d(in_channels + c_dim, conv_dim, kernel_size=7, stride=1, padding=3,
+                                bias=False))
         layers.append(nn.InstanceNorm2d(conv_dim, affine=True, track_running_stats=True))
         layers.append(nn.ReLU(inplace=True))
 
         # Down-sampling layers.
         curr_dim = conv_dim
         for i in range(2):
-            layers.append(nn.Conv2d(curr_dim, curr_dim * 2, kernel_size=4, stride=2, padding=1, bias=False))
+            layers.append(nn.Conv2d(curr_dim, curr_dim * 2, kernel_size=4, stride=2, padding=1,
+                                    bias=False))
             layers.append(nn.InstanceNorm2d(curr_dim * 2, affine=True, track_running_stats=True))
             layers.append(nn.ReLU(inplace=True))
             curr_dim = curr_dim * 2
@@ -74,12 +76,14 @@ class OfficialGenerator(nn.Module):
 
         # Up-sampling layers.
         for i in range(2):
-            layers.append(nn.ConvTranspose2d(curr_dim, curr_dim // 2, kernel_size=4, stride=2, padding=1, bias=False))
+            layers.append(nn.ConvTranspose2d(curr_dim, curr_dim // 2, kernel_size=4, stride=2,
+                                             padding=1, bias=False))
             layers.append(nn.InstanceNorm2d(curr_dim // 2, affine=True, track_running_stats=True))
             layers.append(nn.ReLU(inplace=True))
             curr_dim = curr_dim // 2
 
-        layers.append(nn.Conv2d(curr_dim, in_channels, kernel_size=7, stride=1, padding=3, bias=False))
+        layers.append(nn.Conv2d(curr_dim, in_channels, kernel_size=7, stride=1, padding=3,
+                                bias=False))
         layers.append(act)
         self.main = nn.Sequential(*layers)
 
@@ -88,7 +92,8 @@ class OfficialGenerator(nn.Module):
         """Paper size (docs/models.md); ``label_space`` (a vcfast.LabelSpace) sets ``c_dim``
         (default 1479)."""
         c_dim = label_space.input_dim if label_space is not None else 1479
-        return cls(conv_dim=64, c_dim=c_dim, repeat_num=6, in_channels=1, out_activation=out_activation)
+        return cls(conv_dim=64, c_dim=c_dim, repeat_num=6, in_channels=1,
+                   out_activation=out_activation)
 
     def forward(self, x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
         # Replicate spatially and concatenate domain information.
