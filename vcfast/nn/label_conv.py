@@ -4,10 +4,10 @@ The module holds exactly the parameters of ``nn.Conv2d(in_channels + label_chann
 out_channels, kernel_size, stride, padding, bias=bias)`` (``weight`` [O, C_x + C_c, kh, kw] and
 ``bias`` [O]), so state dicts are interchangeable. Forward::
 
-    conv_x = conv2d(x, weight[:, :C_x], stride, padding)             # the image part
-    P      = c @ weight[:, C_x:]      -> [B, O, kh, kw]               # per-tap label offsets
-    T      = A_row P A_col^T (+ bias) -> [B, O, R, S]                 # one entry per border pattern
-    out    = label_table_add(conv_x, T, row_ids, col_ids)             # out[b,o,i,j] += T[b,o,r(i),s(j)]
+    conv_x = conv2d(x, weight[:, :C_x], stride, padding)        # the image part
+    P      = c @ weight[:, C_x:]      -> [B, O, kh, kw]          # per-tap label offsets
+    T      = A_row P A_col^T (+ bias) -> [B, O, R, S]            # one entry per border pattern
+    out    = label_table_add(conv_x, T, row_ids, col_ids)        # out[b,o,i,j] += T[b,o,r(i),s(j)]
 
 (see vcfast.ops.label_conv). Exact math (only the summation order differs from the tiled conv);
 gradients for x, c, both weight slices and the bias flow through ordinary autograd except the
@@ -77,7 +77,8 @@ class LabelConcatConv2d(nn.Module):
                         dilation, groups, padding_mode)
         factory = {"device": device, "dtype": dtype}
         kh, kw = self.kernel_size
-        self.weight = nn.Parameter(torch.empty(out_channels, in_channels + label_channels, kh, kw, **factory))
+        self.weight = nn.Parameter(torch.empty(out_channels, in_channels + label_channels, kh, kw,
+                                               **factory))
         if bias:
             self.bias = nn.Parameter(torch.empty(out_channels, **factory))
         else:
@@ -91,10 +92,11 @@ class LabelConcatConv2d(nn.Module):
         if groups != 1:
             raise ValueError(f"LabelConcatConv2d: only groups=1 is supported, got {groups}")
         if padding_mode != "zeros":
-            raise ValueError(f"LabelConcatConv2d: only padding_mode='zeros' is supported, got {padding_mode!r}")
+            raise ValueError(f"LabelConcatConv2d: only padding_mode='zeros' is supported, "
+                             f"got {padding_mode!r}")
         if in_channels < 1 or label_channels < 1 or out_channels < 1:
-            raise ValueError("LabelConcatConv2d: in_channels, label_channels and out_channels must be >= 1, got "
-                             f"{in_channels}, {label_channels}, {out_channels}")
+            raise ValueError("LabelConcatConv2d: in_channels, label_channels and out_channels "
+                             f"must be >= 1, got {in_channels}, {label_channels}, {out_channels}")
         self.in_channels = int(in_channels)
         self.label_channels = int(label_channels)
         self.out_channels = int(out_channels)
@@ -102,8 +104,8 @@ class LabelConcatConv2d(nn.Module):
         self.stride = _pair(stride, "stride")
         self.padding = _pair(padding, "padding")
         if min(self.kernel_size) < 1 or min(self.stride) < 1 or min(self.padding) < 0:
-            raise ValueError(f"LabelConcatConv2d: bad kernel_size/stride/padding {self.kernel_size}, "
-                             f"{self.stride}, {self.padding}")
+            raise ValueError(f"LabelConcatConv2d: bad kernel_size/stride/padding "
+                             f"{self.kernel_size}, {self.stride}, {self.padding}")
         self._pattern_cache: dict = {}
 
     def reset_parameters(self) -> None:
@@ -116,15 +118,16 @@ class LabelConcatConv2d(nn.Module):
 
     @classmethod
     def from_conv(cls, conv: nn.Conv2d, label_channels: int) -> "LabelConcatConv2d":
-        """Wraps ``conv`` (over ``cat(x, tile(c))``, the last ``label_channels`` input channels being
-        the label) sharing its ``weight`` and ``bias`` Parameters."""
+        """Wraps ``conv`` (over ``cat(x, tile(c))``, the last ``label_channels`` input channels
+        being the label) sharing its ``weight`` and ``bias`` Parameters."""
         if not isinstance(conv, nn.Conv2d):
-            raise TypeError(f"LabelConcatConv2d.from_conv: expected nn.Conv2d, got {type(conv).__name__}")
+            raise TypeError(f"LabelConcatConv2d.from_conv: expected nn.Conv2d, "
+                            f"got {type(conv).__name__}")
         in_channels = conv.in_channels - label_channels
         self = cls.__new__(cls)
         nn.Module.__init__(self)
-        self._configure(in_channels, label_channels, conv.out_channels, conv.kernel_size, conv.stride,
-                        conv.padding, conv.dilation, conv.groups, conv.padding_mode)
+        self._configure(in_channels, label_channels, conv.out_channels, conv.kernel_size,
+                        conv.stride, conv.padding, conv.dilation, conv.groups, conv.padding_mode)
         self.weight = conv.weight
         self.bias = conv.bias
         return self
@@ -149,9 +152,11 @@ class LabelConcatConv2d(nn.Module):
 
     def forward(self, x: Tensor, c: Tensor) -> Tensor:
         if x.dim() != 4 or x.shape[1] != self.in_channels:
-            raise ValueError(f"LabelConcatConv2d: x must be [B, {self.in_channels}, H, W], got {tuple(x.shape)}")
+            raise ValueError(f"LabelConcatConv2d: x must be [B, {self.in_channels}, H, W], "
+                             f"got {tuple(x.shape)}")
         if c.dim() != 2 or c.shape[1] != self.label_channels:
-            raise ValueError(f"LabelConcatConv2d: c must be [B, {self.label_channels}], got {tuple(c.shape)}")
+            raise ValueError(f"LabelConcatConv2d: c must be [B, {self.label_channels}], "
+                             f"got {tuple(c.shape)}")
         if c.shape[0] != x.shape[0]:
             raise ValueError(f"LabelConcatConv2d: c has batch {c.shape[0]}, x has {x.shape[0]}")
         cx = self.in_channels

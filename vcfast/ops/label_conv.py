@@ -9,9 +9,10 @@ pattern ``r(i)`` and a column pattern ``s(j)`` (interior positions share one pat
 
 the label term is ``T[b, o, r(i), s(j)]``. The tables are tiny; the only spatially large work is
 
-* ``label_table_add(conv_out, table, row_ids, col_ids)`` -> ``conv_out + table[:, :, row_ids][:, :, :, col_ids]``
-  (functional: a new contiguous tensor, ``conv_out`` is untouched), differentiable: the gradient
-  for ``conv_out`` is the incoming gradient, the one for ``table`` is ``label_table_grad`` of it;
+* ``label_table_add(conv_out, table, row_ids, col_ids)`` ->
+  ``conv_out + table[:, :, row_ids][:, :, :, col_ids]`` (functional: a new contiguous tensor,
+  ``conv_out`` is untouched), differentiable: the gradient for ``conv_out`` is the incoming
+  gradient, the one for ``table`` is ``label_table_grad`` of it;
 * ``label_table_grad(grad, row_ids, col_ids, num_rows, num_cols)`` -> ``[B, O, R, S]``, the
   segmented sum over the positions of each (row pattern, column pattern) pair, itself
   differentiable (its adjoint is the gather), so second derivatives are exact.
@@ -72,23 +73,26 @@ def tap_patterns(in_size: int, kernel_size: int, stride: int, padding: int,
 
 def _check_add_args(conv_out: Tensor, table: Tensor, row_ids: Tensor, col_ids: Tensor) -> None:
     if conv_out.dim() != 4 or table.dim() != 4:
-        raise ValueError(f"label_table_add: conv_out [B, O, H, W] and table [B, O, R, S] must be 4-D, "
-                         f"got {tuple(conv_out.shape)} and {tuple(table.shape)}")
+        raise ValueError(f"label_table_add: conv_out [B, O, H, W] and table [B, O, R, S] "
+                         f"must be 4-D, got {tuple(conv_out.shape)} and {tuple(table.shape)}")
     if conv_out.shape[:2] != table.shape[:2]:
         raise ValueError(f"label_table_add: conv_out {tuple(conv_out.shape)} and table "
                          f"{tuple(table.shape)} disagree on [B, O]")
     if table.dtype != conv_out.dtype:
-        raise TypeError(f"label_table_add: table dtype {table.dtype} differs from conv_out's {conv_out.dtype}")
+        raise TypeError(f"label_table_add: table dtype {table.dtype} differs from conv_out's "
+                        f"{conv_out.dtype}")
     _check_ids(row_ids, conv_out.shape[2], "row_ids")
     _check_ids(col_ids, conv_out.shape[3], "col_ids")
 
 
 def _check_ids(ids: Tensor, length: int, name: str) -> None:
     if ids.dtype != torch.int64 or ids.dim() != 1 or ids.shape[0] != length:
-        raise ValueError(f"label tables: {name} must be int64 [{length}], got {ids.dtype} {tuple(ids.shape)}")
+        raise ValueError(f"label tables: {name} must be int64 [{length}], "
+                         f"got {ids.dtype} {tuple(ids.shape)}")
 
 
-def label_table_add_reference(conv_out: Tensor, table: Tensor, row_ids: Tensor, col_ids: Tensor) -> Tensor:
+def label_table_add_reference(conv_out: Tensor, table: Tensor, row_ids: Tensor,
+                              col_ids: Tensor) -> Tensor:
     """``conv_out + table[:, :, row_ids][:, :, :, col_ids]`` (differentiable by autograd)."""
     _check_add_args(conv_out, table, row_ids, col_ids)
     return conv_out + table[:, :, row_ids][:, :, :, col_ids]
@@ -183,7 +187,8 @@ def label_table_add(conv_out: Tensor, table: Tensor, row_ids: Tensor, col_ids: T
     return label_table_add_reference(conv_out, table, row_ids, col_ids)
 
 
-def label_table_grad(grad: Tensor, row_ids: Tensor, col_ids: Tensor, num_rows: int, num_cols: int) -> Tensor:
+def label_table_grad(grad: Tensor, row_ids: Tensor, col_ids: Tensor, num_rows: int,
+                     num_cols: int) -> Tensor:
     """Segmented sum of ``grad`` [B, O, H, W] per (row pattern, column pattern): [B, O, R, S]."""
     if _use_kernel(grad):
         return torch.ops.vcfast.label_table_grad(grad, row_ids, col_ids, num_rows, num_cols)

@@ -7,9 +7,11 @@ and rounded once. Indices int64.
 
 Registered ops:
 
-* ``vcfast::label_table_add_triton(Tensor conv_out, Tensor table, Tensor row_ids, Tensor col_ids) -> Tensor``
+* ``vcfast::label_table_add_triton(Tensor conv_out, Tensor table, Tensor row_ids,
+  Tensor col_ids) -> Tensor``
   (functional; differentiable: grad conv_out = grad, grad table = label_table_grad_triton(grad))
-* ``vcfast::label_table_grad_triton(Tensor grad, Tensor row_ids, Tensor col_ids, SymInt num_rows, SymInt num_cols) -> Tensor``
+* ``vcfast::label_table_grad_triton(Tensor grad, Tensor row_ids, Tensor col_ids,
+  SymInt num_rows, SymInt num_cols) -> Tensor``
   (deterministic two-stage segmented sum, no atomics; not differentiable)
 
 Registration as in ``vcfast.ops.slope_bits_triton``: ``triton_op`` with compiled kernels,
@@ -33,7 +35,8 @@ from vcfast.ops._triton import (
 )
 from vcfast.ops.label_conv import _table_grad_backward, _table_grad_setup_context
 
-__all__ = ["label_table_add_triton", "label_table_grad_triton", "TRITON_IMPORT_ERROR", "USES_TRITON_OP"]
+__all__ = ["label_table_add_triton", "label_table_grad_triton", "TRITON_IMPORT_ERROR",
+           "USES_TRITON_OP"]
 
 _kernels, TRITON_IMPORT_ERROR = load_kernels("label_conv")
 
@@ -59,23 +62,27 @@ def _check_add(conv_out: Tensor, table: Tensor, row_ids: Tensor, col_ids: Tensor
     torch._check_type(conv_out.dtype in _DTYPES,
                       lambda: f"vcfast::label_table_add_triton: unsupported dtype {conv_out.dtype}")
     torch._check_type(table.dtype == conv_out.dtype,
-                      lambda: f"vcfast::label_table_add_triton: table dtype {table.dtype} differs from "
-                              f"conv_out's {conv_out.dtype}")
+                      lambda: f"vcfast::label_table_add_triton: table dtype {table.dtype} "
+                              f"differs from conv_out's {conv_out.dtype}")
     torch._check_value(conv_out.dim() == 4 and table.dim() == 4,
                        lambda: "vcfast::label_table_add_triton: conv_out and table must be 4-D")
-    torch._check_value(conv_out.shape[0] == table.shape[0] and conv_out.shape[1] == table.shape[1],
-                       lambda: "vcfast::label_table_add_triton: conv_out and table disagree on [B, O]")
+    torch._check_value(conv_out.shape[0] == table.shape[0]
+                       and conv_out.shape[1] == table.shape[1],
+                       lambda: "vcfast::label_table_add_triton: conv_out and table disagree on "
+                               "[B, O]")
     _check_ids(row_ids, conv_out.shape[2], "row_ids")
     _check_ids(col_ids, conv_out.shape[3], "col_ids")
 
 
 def _check_ids(ids: Tensor, length, name: str) -> None:
-    torch._check_type(ids.dtype == torch.int64, lambda: f"vcfast label tables: {name} must be int64")
+    torch._check_type(ids.dtype == torch.int64,
+                      lambda: f"vcfast label tables: {name} must be int64")
     torch._check_value(ids.dim() == 1 and ids.shape[0] == length,
                        lambda: f"vcfast label tables: {name} must be 1-D of length {length}")
 
 
-def _label_table_add_impl(conv_out: Tensor, table: Tensor, row_ids: Tensor, col_ids: Tensor) -> Tensor:
+def _label_table_add_impl(conv_out: Tensor, table: Tensor, row_ids: Tensor,
+                          col_ids: Tensor) -> Tensor:
     _check_add(conv_out, table, row_ids, col_ids)
     conv_out = conv_out.contiguous()
     table = table.contiguous()
@@ -211,7 +218,8 @@ def _require_triton(name: str, t: Tensor) -> None:
                      fallback="vcfast.ops.label_conv")
 
 
-def label_table_add_triton(conv_out: Tensor, table: Tensor, row_ids: Tensor, col_ids: Tensor) -> Tensor:
+def label_table_add_triton(conv_out: Tensor, table: Tensor, row_ids: Tensor,
+                           col_ids: Tensor) -> Tensor:
     """``conv_out + table[:, :, row_ids][:, :, :, col_ids]`` (differentiable)."""
     _require_triton("label_table_add_triton", conv_out)
     return _add_op(conv_out, table, row_ids, col_ids)
