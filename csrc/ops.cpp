@@ -1,10 +1,14 @@
-// Schemas of every vcfast op and their CPU implementations. CUDA implementations register
-// themselves from csrc/cuda/*.cpp when the extension is built with CUDA; fake (meta)
-// implementations and autograd live in Python (vcfast/ops/*.py).
+// Schemas of every vcfast C++ op and their CPU implementations: the one place a schema is
+// written. CUDA implementations register themselves from csrc/cuda/*.cpp when the extension is
+// built with CUDA; fake (meta) implementations and autograd live in Python (vcfast/ops/*.py).
+// The Triton-only ops (vcfast/ops/*_triton.py) define theirs with torch.library.
 #include <Python.h>
 #include <torch/library.h>
 
 #include "cpu/classification_cpu.h"
+#include "cpu/gradient_penalty_cpu.h"
+#include "cpu/label_conv_cpu.h"
+#include "cpu/norm_act_cpu.h"
 #include "cpu/spectrogram_cpu.h"
 
 // `import vcfast._C` must find a module init function even though the ops are reached
@@ -38,6 +42,28 @@ TORCH_LIBRARY(vcfast, m) {
   m.def(
       "masked_multigroup_softmax_ce_backward(Tensor grad, Tensor logits, Tensor targets, "
       "int[] groups, int reduction, Tensor group_counts) -> Tensor");
+  // Lean gradient penalty (docs/ops.md#gradient-penalty): LeakyReLU with its slope bits,
+  // replay of the slope by those bits, and the per-sample penalty terms.
+  m.def("leaky_relu_with_bits(Tensor z, float negative_slope) -> (Tensor, Tensor)");
+  m.def("scale_by_slope_bits(Tensor x, Tensor bits, float negative_slope) -> Tensor");
+  m.def("penalty_terms(Tensor g, float target, float weight) -> (Tensor, Tensor)");
+  // Label-conditioned convolution (docs/ops.md#label-conditioned-convolution).
+  m.def(
+      "label_table_add(Tensor conv_out, Tensor table, Tensor row_ids, Tensor col_ids) "
+      "-> Tensor");
+  m.def(
+      "label_table_grad(Tensor grad, Tensor row_ids, Tensor col_ids, SymInt num_rows, "
+      "SymInt num_cols) -> Tensor");
+  // Instance norm + ReLU (docs/ops.md#instance-norm-relu-conv).
+  m.def(
+      "instance_norm_stats(Tensor z, float eps) "
+      "-> (Tensor mean, Tensor rstd, Tensor var_unbiased)");
+  m.def(
+      "norm_relu_forward(Tensor z, Tensor mean, Tensor rstd, Tensor? gamma, Tensor? beta) "
+      "-> Tensor");
+  m.def(
+      "norm_relu_backward(Tensor grad_a, Tensor z, Tensor mean, Tensor rstd, Tensor? gamma, "
+      "Tensor? beta, bool batch_stats) -> (Tensor grad_z, Tensor grad_gamma, Tensor grad_beta)");
 }
 
 TORCH_LIBRARY_IMPL(vcfast, CPU, m) {
@@ -48,4 +74,12 @@ TORCH_LIBRARY_IMPL(vcfast, CPU, m) {
   m.impl("masked_multigroup_softmax_ce", &vcfast::masked_multigroup_softmax_ce_cpu);
   m.impl("masked_multigroup_softmax_ce_backward",
          &vcfast::masked_multigroup_softmax_ce_backward_cpu);
+  m.impl("leaky_relu_with_bits", &vcfast::leaky_relu_with_bits_cpu);
+  m.impl("scale_by_slope_bits", &vcfast::scale_by_slope_bits_cpu);
+  m.impl("penalty_terms", &vcfast::penalty_terms_cpu);
+  m.impl("label_table_add", &vcfast::label_table_add_cpu);
+  m.impl("label_table_grad", &vcfast::label_table_grad_cpu);
+  m.impl("instance_norm_stats", &vcfast::instance_norm_stats_cpu);
+  m.impl("norm_relu_forward", &vcfast::norm_relu_forward_cpu);
+  m.impl("norm_relu_backward", &vcfast::norm_relu_backward_cpu);
 }

@@ -7,10 +7,11 @@
 //   penalty_terms        : g -> (gp, u) with per-sample norms               one kernel
 // Bit layout: element e is bit (e % 8) of byte (e / 8). Work is split in whole bytes
 // (8 elements), so threads never share a byte and no atomics are needed.
+#include "gradient_penalty_cpu.h"
+
 #include <ATen/ATen.h>
 #include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
-#include <torch/library.h>
 
 #include <cmath>
 #include <tuple>

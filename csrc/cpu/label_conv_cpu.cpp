@@ -11,10 +11,11 @@
 //       out[b, o, r, s] = sum over (i, j) with row_ids[i] == r and col_ids[j] == s of grad[b, o, i, j]
 //       accumulated in double per (b, o) plane (deterministic: fixed order i, then j).
 // Indices are int64. Work is split over the B * O planes with at::parallel_for.
+#include "label_conv_cpu.h"
+
 #include <ATen/ATen.h>
 #include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
-#include <torch/library.h>
 
 #include <vector>
 
@@ -62,6 +63,8 @@ double run_sum(const T* x, int64_t begin, int64_t end) {
   for (int k = 0; j < end; ++j, ++k) lane[k] += static_cast<double>(x[j]);
   return ((lane[0] + lane[1]) + (lane[2] + lane[3])) + ((lane[4] + lane[5]) + (lane[6] + lane[7]));
 }
+
+}  // namespace
 
 at::Tensor label_table_add_cpu(const at::Tensor& conv_in, const at::Tensor& table_in,
                                const at::Tensor& row_ids_in, const at::Tensor& col_ids_in) {
@@ -158,16 +161,4 @@ at::Tensor label_table_grad_cpu(const at::Tensor& grad_in, const at::Tensor& row
   return out;
 }
 
-}  // namespace
 }  // namespace vcfast
-
-// A fragment of the vcfast library: each op family registers its own schemas.
-TORCH_LIBRARY_FRAGMENT(vcfast, m) {
-  m.def("label_table_add(Tensor conv_out, Tensor table, Tensor row_ids, Tensor col_ids) -> Tensor");
-  m.def("label_table_grad(Tensor grad, Tensor row_ids, Tensor col_ids, SymInt num_rows, SymInt num_cols) -> Tensor");
-}
-
-TORCH_LIBRARY_IMPL(vcfast, CPU, m) {
-  m.impl("label_table_add", &vcfast::label_table_add_cpu);
-  m.impl("label_table_grad", &vcfast::label_table_grad_cpu);
-}

@@ -16,10 +16,11 @@
 // of grad_gamma / grad_beta runs afterwards in a fixed order (deterministic).
 // gamma / beta may be None (1 / 0); grad_gamma / grad_beta are then still returned (the Python
 // wrapper drops them). All index arithmetic is int64.
+#include "norm_act_cpu.h"
+
 #include <ATen/ATen.h>
 #include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
-#include <torch/library.h>
 
 #include <cmath>
 #include <optional>
@@ -134,6 +135,8 @@ void backward_grad_z_train(const T* __restrict__ zp, const T* __restrict__ gp, T
     out[i] = static_cast<T>(norm_act_grad_z_train(g, xhat, scale, mean_g, mean_gx));
   }
 }
+
+}  // namespace
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> instance_norm_stats_cpu(const at::Tensor& z_in, double eps) {
   check_z(z_in, "instance_norm_stats");
@@ -300,20 +303,4 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> norm_relu_backward_cpu(
   return {grad_z, grad_gamma, grad_beta};
 }
 
-}  // namespace
 }  // namespace vcfast
-
-// A fragment of the vcfast library: each op family registers its own schemas.
-TORCH_LIBRARY_FRAGMENT(vcfast, m) {
-  m.def("instance_norm_stats(Tensor z, float eps) -> (Tensor mean, Tensor rstd, Tensor var_unbiased)");
-  m.def("norm_relu_forward(Tensor z, Tensor mean, Tensor rstd, Tensor? gamma, Tensor? beta) -> Tensor");
-  m.def(
-      "norm_relu_backward(Tensor grad_a, Tensor z, Tensor mean, Tensor rstd, Tensor? gamma, Tensor? beta, "
-      "bool batch_stats) -> (Tensor grad_z, Tensor grad_gamma, Tensor grad_beta)");
-}
-
-TORCH_LIBRARY_IMPL(vcfast, CPU, m) {
-  m.impl("instance_norm_stats", &vcfast::instance_norm_stats_cpu);
-  m.impl("norm_relu_forward", &vcfast::norm_relu_forward_cpu);
-  m.impl("norm_relu_backward", &vcfast::norm_relu_backward_cpu);
-}
