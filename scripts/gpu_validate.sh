@@ -14,6 +14,7 @@
 # summary (OUT/summary.md, a markdown table) rewritten after every step so a cut-off run
 # still leaves its results:
 #   wheels, build       install the wheels; build vcfast._C for this GPU's architecture only
+#   cpp_errors          a check that fires in a C++ kernel raises in Python (no crash)
 #   selftest            vcfast selftest --device cuda --json (every op x backend vs float64)
 #   gpu_tests           pytest -m gpu
 #   memory_estimator    estimator vs torch.cuda.max_memory_allocated, paper size, batch 1/4/16,
@@ -254,6 +255,9 @@ else
 fi
 
 # --- the checks, most valuable first -----------------------------------------------------------
+# Errors raised in the C++ kernels must reach Python (on the first GPU machine each one killed
+# the process with SIGSEGV); on failure the step's log holds the diagnostics.
+run_step cpp_errors 90 verdict_line "$PY" scripts/cpp_error_check.py --json "$OUT/cpp_errors.json"
 if [ "$DRY_RUN" = 1 ]; then
   # Tiny CPU forms: the selftest of two cheap ops (the full --quick run takes ~30 s on two
   # cores), a few tests, a tiny memory check; the rest printed.
@@ -296,6 +300,6 @@ else
 fi
 
 verdict="$([ "$FAILED" = 0 ] && echo "all steps passed" || echo "$FAILED step(s) FAILED")"
-write_summary "**Done in $(elapsed) s: ${verdict}.** Per-step output: the NN_<step>.log files; JSON: selftest.json, memory_estimator.json, layouts_batch16.json, bench.json."
+write_summary "**Done in $(elapsed) s: ${verdict}.** Per-step output: the NN_<step>.log files; JSON: cpp_errors.json, selftest.json, memory_estimator.json, layouts_batch16.json, bench.json."
 echo "done in $(elapsed) s: $verdict; summary: $OUT/summary.md"
 [ "$FAILED" = 0 ]

@@ -8,8 +8,9 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 SCRIPT = REPO / "scripts" / "gpu_validate.sh"
-STEPS = ["wheels", "build", "selftest", "gpu_tests", "memory_estimator", "layouts_batch16",
-         "train_50_steps", "bench", "test_suite"]
+STEPS = ["wheels", "build", "cpp_errors", "selftest", "gpu_tests", "memory_estimator",
+         "layouts_batch16", "train_50_steps", "bench", "test_suite"]
+RUN_ON_CPU = {"cpp_errors", "selftest", "memory_estimator", "test_suite"}
 
 
 def _run(*args, timeout=300):
@@ -29,10 +30,8 @@ def test_dry_run_logs_every_step_and_summarises_them(tmp_path):
     assert [row[0] for row in rows] == STEPS
     status = {row[0]: row[1] for row in rows}
     # What a CPU can run runs and passes; the GPU-sized rest is printed.
-    assert {name for name, s in status.items() if s == "pass"} == \
-        {"selftest", "memory_estimator", "test_suite"}
-    assert all(s == "printed (dry run)" for name, s in status.items()
-               if name not in ("selftest", "memory_estimator", "test_suite"))
+    assert {name for name, s in status.items() if s == "pass"} == RUN_ON_CPU
+    assert all(s == "printed (dry run)" for name, s in status.items() if name not in RUN_ON_CPU)
     for number, row in enumerate(rows, start=1):
         log = Path(row[5])
         assert log.name == f"{number:02d}_{row[0]}.log" and log.read_text().strip()
@@ -47,6 +46,8 @@ def test_dry_run_logs_every_step_and_summarises_them(tmp_path):
     assert "all steps passed" in summary
     selftest = json.loads((out / "selftest.json").read_text())
     assert selftest["ok"] is True and selftest["conditions"]["triton_interpret"] is False
+    cpp_errors = json.loads((out / "cpp_errors.json").read_text())
+    assert cpp_errors["ok"] is True and all(c["outcome"] == "raised" for c in cpp_errors["cases"])
     memory = json.loads((out / "memory_estimator.json").read_text())
     assert memory["rows"][0]["measured_bytes"] > 0 and memory["rows"][0]["estimated_bytes"] > 0
 
