@@ -124,9 +124,9 @@ def _run_classification(fake):
     from vcfast.ops import classification_triton as m
     logits, targets, groups = fake(4, 5), fake(4, 5), [2, 3]
     m._bce_forward_impl(logits, targets, groups, fake(5), 1)
-    m._bce_backward_impl(fake(), logits, targets, fake(2), groups, fake(5), 1)
+    m._bce_backward_impl(fake(), logits, targets, groups, fake(5), 1, fake(2))
     m._sce_forward_impl(logits, targets, groups, 1)
-    m._sce_backward_impl(fake(), logits, targets, fake(2), groups, 1)
+    m._sce_backward_impl(fake(), logits, targets, groups, 1, fake(2))
     return 4
 
 

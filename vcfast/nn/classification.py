@@ -26,7 +26,8 @@ def _sizes(module: str, groups) -> tuple[int, ...]:
 
 def _check_reduction(module: str, reduction: str) -> str:
     if reduction not in REDUCTIONS:
-        raise ValueError(f"{module}: reduction must be one of {tuple(REDUCTIONS)}, got {reduction!r}")
+        raise ValueError(f"{module}: reduction must be one of {tuple(REDUCTIONS)}, "
+                         f"got {reduction!r}")
     return reduction
 
 
@@ -84,4 +85,5 @@ class MaskedMultiGroupSoftmaxCE(nn.Module):
                                             self.backend)
 
     def extra_repr(self) -> str:
-        return f"groups={self.groups}, reduction={self.reduction!r}, backend={self.backend or 'auto'}"
+        return (f"groups={self.groups}, reduction={self.reduction!r}, "
+                f"backend={self.backend or 'auto'}")

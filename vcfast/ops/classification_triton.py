@@ -312,7 +312,7 @@ def _bce_forward_impl(logits: Tensor, targets: Tensor, groups: list[int],
     return _forward(_BCE, logits, targets, groups, pos_weight, reduction, softmax=False)
 
 
-def _bce_backward_op_impl(grad: Tensor, logits: Tensor, targets: Tensor, groups: list[int],
+def _bce_backward_impl(grad: Tensor, logits: Tensor, targets: Tensor, groups: list[int],
                           pos_weight: Tensor | None, reduction: int,
                           group_counts: Tensor) -> Tensor:
     return _backward(_BCE + "_backward", grad, logits, targets, groups, pos_weight, reduction,
@@ -324,25 +324,10 @@ def _sce_forward_impl(logits: Tensor, targets: Tensor, groups: list[int],
     return _forward(_SCE, logits, targets, groups, None, reduction, softmax=True)
 
 
-def _sce_backward_op_impl(grad: Tensor, logits: Tensor, targets: Tensor, groups: list[int],
+def _sce_backward_impl(grad: Tensor, logits: Tensor, targets: Tensor, groups: list[int],
                           reduction: int, group_counts: Tensor) -> Tensor:
     return _backward(_SCE + "_backward", grad, logits, targets, groups, None, reduction,
                      group_counts, softmax=True)
-
-
-# The backward launchers in their former argument order (group_counts before groups), as
-# tests/test_triton_launch_device.py calls them.
-
-
-def _bce_backward_impl(grad: Tensor, logits: Tensor, targets: Tensor, group_counts: Tensor,
-                       groups: list[int], pos_weight: Tensor | None, reduction: int) -> Tensor:
-    return _bce_backward_op_impl(grad, logits, targets, groups, pos_weight, reduction,
-                                 group_counts)
-
-
-def _sce_backward_impl(grad: Tensor, logits: Tensor, targets: Tensor, group_counts: Tensor,
-                       groups: list[int], reduction: int) -> Tensor:
-    return _sce_backward_op_impl(grad, logits, targets, groups, reduction, group_counts)
 
 
 def aot_launch_configs() -> list[dict]:
@@ -415,9 +400,9 @@ def _fake_forward(logits: Tensor, n_groups: int, reduction: int) -> tuple[Tensor
 
 if _kernels is not None:
     _bce_fwd_op = define_op(_BCE_FWD_NAME, _bce_forward_impl, use_triton_op=USES_TRITON_OP)
-    _bce_bwd_op = define_op(_BCE_BWD_NAME, _bce_backward_op_impl, use_triton_op=USES_TRITON_OP)
+    _bce_bwd_op = define_op(_BCE_BWD_NAME, _bce_backward_impl, use_triton_op=USES_TRITON_OP)
     _sce_fwd_op = define_op(_SCE_FWD_NAME, _sce_forward_impl, use_triton_op=USES_TRITON_OP)
-    _sce_bwd_op = define_op(_SCE_BWD_NAME, _sce_backward_op_impl, use_triton_op=USES_TRITON_OP)
+    _sce_bwd_op = define_op(_SCE_BWD_NAME, _sce_backward_impl, use_triton_op=USES_TRITON_OP)
     if not USES_TRITON_OP:  # interpreter: custom ops need explicit fakes
 
         @_bce_fwd_op.register_fake
