@@ -23,7 +23,8 @@ from vcfast.ops.classification import (
 )
 
 needs_extension = pytest.mark.skipif(
-    not _extension.EXTENSION_LOADED, reason="vcfast._C is not built (pip install --no-build-isolation -e .)"
+    not _extension.EXTENSION_LOADED,
+    reason="vcfast._C is not built (pip install --no-build-isolation -e .)",
 )
 needs_cuda = pytest.mark.skipif(
     not (torch.cuda.is_available() and _extension.extension_has_cuda()),
@@ -75,7 +76,9 @@ def loss_and_grad(fn, logits, targets, sizes, reduction, weight_seed=0, **kwargs
     return loss.detach(), grad
 
 
-def assert_matches_reference(name, logits, targets, sizes, reduction, backend="cpu", tol=None, **kw):
+def assert_matches_reference(
+    name, logits, targets, sizes, reduction, backend="cpu", tol=None, **kw
+):
     fused, reference = LOSSES[name]
     fused_fn = lambda x, t, s, r, **k: fused(x, t, s, r, backend=backend, **k)  # noqa: E731
     ref_fn = lambda x, t, s, r, **k: reference(x, t, s, r, **k)  # noqa: E731
@@ -111,10 +114,14 @@ def test_reference_bce_equals_the_user_formulation():
     got = masked_multigroup_bce_reference(logits, targets, (20, 7, 3))
     torch.testing.assert_close(got, expected_mean)
     per_group = torch.stack([p.sum(1) for p in per_entry.split((20, 7, 3), 1)], 1)
-    torch.testing.assert_close(masked_multigroup_bce_reference(logits, targets, (20, 7, 3), "none"), per_group)
+    torch.testing.assert_close(
+        masked_multigroup_bce_reference(logits, targets, (20, 7, 3), "none"), per_group
+    )
     counts = torch.stack([m.sum() for m in mask.split((20, 7, 3), 1)]).double()
-    torch.testing.assert_close(masked_multigroup_bce_reference(logits, targets, (20, 7, 3), "group_mean"),
-                               (per_group.sum(0) / counts).mean())
+    torch.testing.assert_close(
+        masked_multigroup_bce_reference(logits, targets, (20, 7, 3), "group_mean"),
+        (per_group.sum(0) / counts).mean(),
+    )
 
 
 def test_reference_softmax_equals_cross_entropy_per_group():
@@ -127,7 +134,9 @@ def test_reference_softmax_equals_cross_entropy_per_group():
         if known.any():
             total = total + F.cross_entropy(x[known], t[known].argmax(1), reduction="sum")
             count += int(known.sum())
-    torch.testing.assert_close(masked_multigroup_softmax_ce_reference(logits, targets, sizes), total / count)
+    torch.testing.assert_close(
+        masked_multigroup_softmax_ce_reference(logits, targets, sizes), total / count
+    )
 
 
 # --------------------------------------------------------------------------- fused vs reference
@@ -148,7 +157,9 @@ def test_bce_cpu_matches_reference_hypothesis(n, sizes, reduction, target_dtype,
                                               p_unknown, seed):
     c = sum(sizes)
     logits = make_logits(n, c, seed=seed)
-    targets = make_targets(n, sizes, one_hot=False, p_unknown=p_unknown, seed=seed, dtype=target_dtype)
+    targets = make_targets(
+        n, sizes, one_hot=False, p_unknown=p_unknown, seed=seed, dtype=target_dtype
+    )
     pos_weight = (torch.rand(c, dtype=torch.float64) * 3) if use_pos_weight else None
     assert_matches_reference("bce", logits, targets, sizes, reduction, pos_weight=pos_weight)
 
@@ -168,7 +179,9 @@ def test_softmax_cpu_matches_reference_hypothesis(n, sizes, reduction, target_dt
                                                   seed, logits_dtype):
     c = sum(sizes)
     logits = make_logits(n, c, seed=seed, dtype=logits_dtype)
-    targets = make_targets(n, sizes, one_hot=True, p_unknown=p_unknown, seed=seed, dtype=target_dtype)
+    targets = make_targets(
+        n, sizes, one_hot=True, p_unknown=p_unknown, seed=seed, dtype=target_dtype
+    )
     assert_matches_reference("softmax", logits, targets, sizes, reduction)
 
 
@@ -276,11 +289,13 @@ def test_bce_pos_weight(reduction):
     pos_weight = torch.linspace(0.2, 4.0, 15, dtype=torch.float64)
     assert_matches_reference("bce", logits, targets, sizes, reduction, pos_weight=pos_weight)
     # a float32 pos_weight with float64 logits is converted, not rejected
-    assert_matches_reference("bce", logits, targets, sizes, reduction, pos_weight=pos_weight.float(),
-                             tol=1e-6)
+    assert_matches_reference(
+        "bce", logits, targets, sizes, reduction, pos_weight=pos_weight.float(), tol=1e-6
+    )
     plain = masked_multigroup_bce(logits, targets, sizes, reduction, backend="cpu")
-    ones = masked_multigroup_bce(logits, targets, sizes, reduction, pos_weight=torch.ones(15).double(),
-                                 backend="cpu")
+    ones = masked_multigroup_bce(
+        logits, targets, sizes, reduction, pos_weight=torch.ones(15).double(), backend="cpu"
+    )
     torch.testing.assert_close(plain, ones)
 
 
@@ -292,11 +307,15 @@ def test_gradcheck_float64(name, reduction):
     logits = make_logits(3, 8, seed=9).requires_grad_()
     targets = make_targets(3, sizes, one_hot=name == "softmax", p_unknown=0.3, seed=9)
     fused = LOSSES[name][0]
-    kwargs = {"pos_weight": torch.linspace(0.5, 2.0, 8, dtype=torch.float64)} if name == "bce" else {}
-    assert torch.autograd.gradcheck(lambda x: fused(x, targets, sizes, reduction, backend="cpu", **kwargs),
-                                    (logits,))
-    assert torch.autograd.gradcheck(lambda x: fused(x, targets, sizes, reduction, backend="reference", **kwargs),
-                                    (logits,))
+    kwargs = (
+        {"pos_weight": torch.linspace(0.5, 2.0, 8, dtype=torch.float64)} if name == "bce" else {}
+    )
+    assert torch.autograd.gradcheck(
+        lambda x: fused(x, targets, sizes, reduction, backend="cpu", **kwargs), (logits,)
+    )
+    assert torch.autograd.gradcheck(
+        lambda x: fused(x, targets, sizes, reduction, backend="reference", **kwargs), (logits,)
+    )
 
 
 @needs_extension
@@ -346,7 +365,9 @@ def test_backward_accepts_any_gradient_layout(name):
     fused, reference = LOSSES[name]
     weight_t = torch.randn(2, 4, dtype=torch.float64)
     for reduce in (lambda y: y.sum(), lambda y: (y.t() * weight_t).sum(), lambda y: y[::2].sum()):
-        (g,) = torch.autograd.grad(reduce(fused(logits, targets, sizes, "none", backend="cpu")), logits)
+        (g,) = torch.autograd.grad(
+            reduce(fused(logits, targets, sizes, "none", backend="cpu")), logits
+        )
         (g_ref,) = torch.autograd.grad(reduce(reference(logits, targets, sizes, "none")), logits)
         torch.testing.assert_close(g, g_ref)
 
@@ -446,7 +467,9 @@ def test_torch_compile_module_fullgraph(name):
         def __init__(self):
             super().__init__()
             self.linear = torch.nn.Linear(8, 15)
-            self.loss = (MaskedMultiGroupBCE(sizes) if name == "bce" else MaskedMultiGroupSoftmaxCE(sizes))
+            self.loss = (
+                MaskedMultiGroupBCE(sizes) if name == "bce" else MaskedMultiGroupSoftmaxCE(sizes)
+            )
 
         def forward(self, features, targets):
             return self.loss(self.linear(features), targets)
@@ -491,12 +514,16 @@ def test_groups_accept_a_label_space_like_object():
     logits = make_logits(3, 10)
     targets = make_targets(3, LabelSpace.sizes, one_hot=True)
     expected = masked_multigroup_softmax_ce(logits, targets, [5, 3, 2])
-    torch.testing.assert_close(masked_multigroup_softmax_ce(logits, targets, LabelSpace()), expected)
+    torch.testing.assert_close(
+        masked_multigroup_softmax_ce(logits, targets, LabelSpace()), expected
+    )
     assert MaskedMultiGroupSoftmaxCE(LabelSpace()).groups == (5, 3, 2)
 
 
 def test_default_backend_and_device_mismatch(monkeypatch):
-    assert _pick_backend("op", None, torch.device("cpu")) == ("cpu" if _extension.EXTENSION_LOADED else "reference")
+    assert _pick_backend("op", None, torch.device("cpu")) == (
+        "cpu" if _extension.EXTENSION_LOADED else "reference"
+    )
     with pytest.raises(ValueError, match="backend 'cuda' cannot run on a CPU tensor"):
         masked_multigroup_bce(torch.zeros(2, 3), torch.zeros(2, 3), [3], backend="cuda")
     with pytest.raises(ValueError, match="unknown backend 'gpu'"):
@@ -624,7 +651,9 @@ def test_triton_backend_under_the_interpreter(name, monkeypatch):
     logits = make_logits(3, 15, dtype=torch.float32)
     targets = make_targets(3, sizes, one_hot=name == "softmax", seed=1)
     for reduction in REDUCTION_NAMES:
-        assert_matches_reference(name, logits, targets, sizes, reduction, backend="triton", tol=1e-5)
+        assert_matches_reference(
+            name, logits, targets, sizes, reduction, backend="triton", tol=1e-5
+        )
 
 
 @needs_cuda

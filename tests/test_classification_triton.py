@@ -15,8 +15,8 @@ reference (vcfast.ops.classification) exists, the tests compare against it too.
 import os
 
 import pytest
-from _triton_testing import interpreter_marker
 import torch
+from _triton_testing import interpreter_marker
 
 triton = pytest.importorskip("triton")
 ct = pytest.importorskip("vcfast.ops.classification_triton")
@@ -51,9 +51,9 @@ def ref_bce_partials(x, t, groups, pos_weight=None):
     pw = torch.ones(x.shape[1], dtype=torch.float64) if pos_weight is None else pos_weight.double()
     c = 1 + (pw - 1) * tt
     # softplus(-x) = log(1 + exp(-x)) = log1p(exp(-|x|)) + max(-x, 0), gradient -sigmoid(-x).
-    l = (1 - tt) * x + c * torch.logaddexp(torch.zeros_like(x), -x)
-    l = torch.where(valid, l, torch.zeros_like(l))
-    s = torch.stack([l[:, a:b].sum(1) for a, b in _ranges(groups)], 1)
+    loss_terms = (1 - tt) * x + c * torch.logaddexp(torch.zeros_like(x), -x)
+    loss_terms = torch.where(valid, loss_terms, torch.zeros_like(loss_terms))
+    s = torch.stack([loss_terms[:, a:b].sum(1) for a, b in _ranges(groups)], 1)
     k = torch.stack([valid[:, a:b].sum(1) for a, b in _ranges(groups)], 1)
     return s, k
 
