@@ -23,7 +23,7 @@ its gradient is 0, as in the reference.
 
 bfloat16 under the interpreter: the Triton 3.8 interpreter truncates float32 -> bfloat16 (the
 compiled kernels round to nearest even), so the host sets ``EMULATE_BF16_RNE`` there and
-_to_output rounds with integer arithmetic (same trick as kernels/slope_bits.py).
+_to_output rounds with integer arithmetic (same trick as kernels/gradient_penalty.py).
 Offsets are int64 (program ids widened before multiplying).
 """
 

@@ -236,9 +236,9 @@ def test_launchers_reject_grids_past_the_limits():
     """Shapes past CUDA's grid limits raise in every launcher before any launch (meta tensors:
     no memory)."""
     from vcfast.ops import classification_triton as ct
+    from vcfast.ops import gradient_penalty_triton as sbt
     from vcfast.ops import label_conv_triton as lt
     from vcfast.ops import norm_act_triton as nt
-    from vcfast.ops import slope_bits_triton as sbt
     from vcfast.ops import spectrogram_triton as st
 
     if st._kernels is None:
@@ -309,9 +309,9 @@ def recorded_launches(monkeypatch):
 @pytest.mark.filterwarnings("ignore:divide by zero:RuntimeWarning")  # log(0) in masked lanes
 def test_recorded_launches_are_enumerated(recorded_launches):
     from vcfast.ops import classification_triton as ct
+    from vcfast.ops import gradient_penalty_triton as sbt
     from vcfast.ops import label_conv_triton as lt
     from vcfast.ops import norm_act_triton as nt
-    from vcfast.ops import slope_bits_triton as sbt
     from vcfast.ops import spectrogram_triton as st
 
     if not st._kernels_interpreted():

@@ -80,8 +80,8 @@ def test_norm_act_triton():
 
 
 @needs_compiled_triton
-def test_slope_bits_triton():
-    from vcfast.ops import slope_bits_triton as sbt
+def test_gradient_penalty_triton():
+    from vcfast.ops import gradient_penalty_triton as sbt
 
     z = torch.randn(4, 3, 16, 16, device="cuda")
 

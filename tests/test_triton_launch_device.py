@@ -103,8 +103,8 @@ def _run_spectrogram(fake):
     return 3
 
 
-def _run_slope_bits(fake):
-    from vcfast.ops import slope_bits_triton as m
+def _run_gradient_penalty(fake):
+    from vcfast.ops import gradient_penalty_triton as m
     z = fake(4, 9)
     _, bits = m._leaky_relu_with_bits_impl(z, 0.2)
     m._scale_by_slope_bits_impl(z, bits, 0.2)
@@ -130,7 +130,7 @@ def _run_classification(fake):
     return 4
 
 
-@pytest.mark.parametrize("run", [_run_norm_act, _run_spectrogram, _run_slope_bits,
+@pytest.mark.parametrize("run", [_run_norm_act, _run_spectrogram, _run_gradient_penalty,
                                  _run_label_conv, _run_classification],
                          ids=lambda f: f.__name__[5:])
 def test_launches_run_on_the_tensors_device(recorded, run):

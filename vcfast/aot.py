@@ -67,7 +67,7 @@ MAX_THREADS_PER_BLOCK = 1024
 REGISTER_ALLOCATION_UNIT = 256
 
 # vcfast.ops.<name>_triton launches the kernels of vcfast.kernels.<name>.
-TRITON_OPS = ("classification", "label_conv", "norm_act", "slope_bits", "spectrogram")
+TRITON_OPS = ("classification", "gradient_penalty", "label_conv", "norm_act", "spectrogram")
 
 # Every CUDA launch in csrc/cuda/*.cu uses kThreads = 256 threads and no dynamic shared memory
 # (tests/test_aot_kernels.py reads the sources to keep these true).

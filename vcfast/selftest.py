@@ -520,7 +520,7 @@ def _bits_impls(backend: str):
     if backend == "cpu":
         return torch.ops.vcfast.leaky_relu_with_bits, torch.ops.vcfast.scale_by_slope_bits
     if backend == "triton":
-        from vcfast.ops.slope_bits_triton import (
+        from vcfast.ops.gradient_penalty_triton import (
             leaky_relu_with_bits_triton,
             scale_by_slope_bits_triton,
         )
@@ -557,7 +557,7 @@ def _penalty_impl(backend: str):
     if backend == "cpu":
         return torch.ops.vcfast.penalty_terms
     if backend == "triton":
-        from vcfast.ops.slope_bits_triton import penalty_terms_triton
+        from vcfast.ops.gradient_penalty_triton import penalty_terms_triton
 
         return penalty_terms_triton
     return slope_bits.penalty_terms_reference

@@ -18,7 +18,8 @@ masked_multigroup_bce, masked_multigroup_softmax_ce (docs/ops.md#masked-multi-gr
 gradient penalty, penalty_terms, leaky_relu_with_bits (docs/ops.md#gradient-penalty)
     entry      gradient_penalty.gradient_penalty (mode= lean | autograd), slope_bits.*
     reference  mode="autograd"; slope_bits.*_reference
-    kernels    csrc/cpu/slope_bits_cpu.cpp, kernels/slope_bits.py (launcher slope_bits_triton)
+    kernels    csrc/cpu/gradient_penalty_cpu.cpp, kernels/gradient_penalty.py
+               (launcher gradient_penalty_triton)
     registered vcfast::lean_gradient_penalty, vcfast::{leaky_relu_with_bits,
                scale_by_slope_bits, penalty_terms}[_triton]
 

@@ -14,7 +14,7 @@ Registered ops:
   SymInt num_rows, SymInt num_cols) -> Tensor``
   (deterministic two-stage segmented sum, no atomics; not differentiable)
 
-Registration as in ``vcfast.ops.slope_bits_triton``: ``triton_op`` with compiled kernels,
+Registration as in ``vcfast.ops.gradient_penalty_triton``: ``triton_op`` with compiled kernels,
 ``custom_op`` + ``register_fake`` under the interpreter. Without triton the module imports;
 calling a function raises RuntimeError.
 """

@@ -20,7 +20,7 @@ Registered ops (not differentiable; the lean module's autograd function calls th
 * ``vcfast::norm_relu_backward_triton(Tensor grad_a, Tensor z, Tensor mean, Tensor rstd,
   Tensor gamma, Tensor beta, bool batch_stats) -> (Tensor, Tensor, Tensor)``
 
-Registration as in ``vcfast.ops.slope_bits_triton``: ``torch.library.triton_op`` with
+Registration as in ``vcfast.ops.gradient_penalty_triton``: ``torch.library.triton_op`` with
 compiled kernels, ``custom_op`` + ``register_fake`` under ``TRITON_INTERPRET=1``.
 Without triton the module still imports; calling a function raises RuntimeError.
 """

@@ -103,9 +103,9 @@ def _use_kernel(t: torch.Tensor) -> bool:
 def _use_triton(t: torch.Tensor) -> bool:
     if t.device.type != "cuda" or not _extension.triton_available():
         return False
-    from vcfast.ops import slope_bits_triton  # lazy: Triton kernels decorate at first import
+    from vcfast.ops import gradient_penalty_triton  # lazy: Triton kernels decorate at first import
 
-    return slope_bits_triton.TRITON_IMPORT_ERROR is None
+    return gradient_penalty_triton.TRITON_IMPORT_ERROR is None
 
 
 def leaky_relu_with_bits(z: torch.Tensor, negative_slope: float):
@@ -113,7 +113,7 @@ def leaky_relu_with_bits(z: torch.Tensor, negative_slope: float):
     if _use_kernel(z):
         return torch.ops.vcfast.leaky_relu_with_bits(z.contiguous(), float(negative_slope))
     if _use_triton(z):
-        from vcfast.ops.slope_bits_triton import leaky_relu_with_bits_triton
+        from vcfast.ops.gradient_penalty_triton import leaky_relu_with_bits_triton
 
         return leaky_relu_with_bits_triton(z, float(negative_slope))
     return leaky_relu_with_bits_reference(z.contiguous(), negative_slope)
@@ -127,7 +127,7 @@ def scale_by_slope_bits(x: torch.Tensor, bits: torch.Tensor, negative_slope: flo
     if _use_kernel(x):
         return torch.ops.vcfast.scale_by_slope_bits(x.contiguous(), bits, float(negative_slope))
     if _use_triton(x):
-        from vcfast.ops.slope_bits_triton import scale_by_slope_bits_triton
+        from vcfast.ops.gradient_penalty_triton import scale_by_slope_bits_triton
 
         return scale_by_slope_bits_triton(x, bits, float(negative_slope))
     return scale_by_slope_bits_reference(x.contiguous(), bits, negative_slope)
@@ -164,7 +164,7 @@ def penalty_terms(g: torch.Tensor, target: float, weight: float):
     if _use_kernel(g):
         return torch.ops.vcfast.penalty_terms(g.contiguous(), float(target), float(weight))
     if _use_triton(g):
-        from vcfast.ops.slope_bits_triton import penalty_terms_triton
+        from vcfast.ops.gradient_penalty_triton import penalty_terms_triton
 
         return penalty_terms_triton(g, float(target), float(weight))
     return penalty_terms_reference(g, target, weight)

@@ -1,4 +1,5 @@
-"""Tests of the Triton slope-bit ops (vcfast.ops.slope_bits_triton, kernels/slope_bits.py).
+"""Tests of the Triton slope-bit ops of the gradient penalty (vcfast.ops.gradient_penalty_triton,
+kernels/gradient_penalty.py).
 
 Without a GPU the kernels run in the Triton interpreter on CPU tensors: tests/conftest.py
 sets TRITON_INTERPRET=1 before any test module imports the kernels (Triton reads it when
@@ -29,9 +30,9 @@ from vcfast.ops.slope_bits import (
 )
 
 triton = pytest.importorskip("triton")
-sbt = pytest.importorskip("vcfast.ops.slope_bits_triton")
+sbt = pytest.importorskip("vcfast.ops.gradient_penalty_triton")
 
-INTERPRETED, needs_interpreter = interpreter_marker(sbt, "slope_bits")
+INTERPRETED, needs_interpreter = interpreter_marker(sbt, "gradient_penalty")
 
 SHAPES = [(1,), (7,), (8,), (9,), (3, 5, 7), (2, 16, 9, 9)]
 DTYPES = [torch.float32, torch.float64, torch.bfloat16, torch.float16]
@@ -248,7 +249,7 @@ def test_meta_shapes():
 
 # opcheck: the ops have no autograd formula (the lean penalty calls them under no_grad), so
 # inputs do not require grad. Under the interpreter the ops are opaque custom ops (see the
-# module docstring of vcfast.ops.slope_bits_triton): every default check applies there,
+# module docstring of vcfast.ops.gradient_penalty_triton): every default check applies there,
 # test_aot_dispatch_dynamic included (it traces through the registered fake kernels).
 OPCHECK_CASES = [
     pytest.param("leaky_relu_with_bits_triton", lambda d: (with_kinks(rand((3, 5, 7), d)), 0.2),
@@ -289,7 +290,7 @@ def test_torch_compile():
 _TRITON_OP_SCRIPT = """
 import torch
 from torch._subclasses.fake_tensor import FakeTensorMode
-from vcfast.ops import slope_bits_triton as sbt
+from vcfast.ops import gradient_penalty_triton as sbt
 assert sbt.USES_TRITON_OP and not sbt._kernels_interpreted()
 ops = torch.ops.vcfast
 with FakeTensorMode():

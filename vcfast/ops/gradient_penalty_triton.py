@@ -3,7 +3,7 @@
 Same contracts as the C++ CPU ops and the plain-PyTorch references in
 ``vcfast.ops.slope_bits`` (bit layout: element ``e`` of the flattened contiguous tensor is bit
 ``e % 8`` of byte ``e // 8``, ``ceil(n / 8)`` uint8 bytes). Kernels and their math:
-``vcfast/kernels/slope_bits.py`` (repository path ``kernels/slope_bits.py``).
+``vcfast/kernels/gradient_penalty.py`` (repository path ``kernels/gradient_penalty.py``).
 
 Public functions (inputs of any strides are made contiguous; float16, bfloat16, float32,
 float64; half types are computed in float32 and rounded once):
@@ -59,7 +59,7 @@ __all__ = [
     "USES_TRITON_OP",
 ]
 
-_kernels, TRITON_IMPORT_ERROR = load_kernels("slope_bits")
+_kernels, TRITON_IMPORT_ERROR = load_kernels("gradient_penalty")
 
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 _HALF = (torch.float16, torch.bfloat16)
@@ -284,7 +284,7 @@ if _kernels is not None:
 
 def _require_triton(name: str, t: Tensor) -> None:
     require_runnable(name, t, kernels=_kernels, import_error=TRITON_IMPORT_ERROR,
-                     interpreted=_kernels_interpreted(), module="slope_bits",
+                     interpreted=_kernels_interpreted(), module="gradient_penalty",
                      fallback=f"vcfast.ops.slope_bits.{name.removesuffix('_triton')} "
                               "(C++ CPU op or reference)")
 

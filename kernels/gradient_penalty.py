@@ -1,7 +1,7 @@
-"""Triton kernels of the slope-bit ops (vcfast.ops.slope_bits_triton launches them).
+"""Triton kernels of the slope-bit ops (vcfast.ops.gradient_penalty_triton launches them).
 
 Semantics are those of ``vcfast/ops/slope_bits.py`` (plain-PyTorch references) and
-``csrc/cpu/slope_bits_cpu.cpp``:
+``csrc/cpu/gradient_penalty_cpu.cpp``:
 
 Bit layout: element ``e`` of the flattened contiguous tensor is bit ``e % 8`` of byte
 ``e // 8``; ``n`` elements pack into ``ceil(n / 8)`` uint8 bytes. The elementwise kernels
