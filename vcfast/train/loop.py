@@ -1,7 +1,8 @@
 """The StarGAN-VC training loop (docs/training.md) with logs, samples, evaluation and exact resume.
 
 One G step ("step" everywhere here) = ``n_critic`` D updates, each on a fresh batch, then one
-G update on the last of those batches:
+G update on the last of those batches. The updates themselves are defined once, in
+vcfast/train/step.py (:class:`vcfast.train.step.Stepper`), which the memory estimator runs too:
 
 * D: ``-mean D_src(x_real) + mean D_src(G(x_real, c')) + lambda_gp * GP +
   lambda_cls * BCE(D_cls(x_real), c_real)``, GP the lean (no double backward) penalty on
@@ -25,18 +26,14 @@ import resource
 import time
 import warnings
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 
 from vcfast.data import Corpus, StarGANPairDataset, make_loader, save_audio
 from vcfast.labels import LabelSpace
 from vcfast.models.generator import inference_mode
-from vcfast.ops.classification import masked_multigroup_bce
-from vcfast.ops.gradient_penalty import gradient_penalty
 from vcfast.ops.inverse import spectrogram_to_wave
 from vcfast.train.checkpoint import (
     CheckpointError,
@@ -50,7 +47,7 @@ from vcfast.train.checkpoint import (
     save_checkpoint,
     write_atomically,
 )
-from vcfast.train.config import OPTIMIZERS, RESUME_CRITICAL_FIELDS, TrainConfig
+from vcfast.train.config import RESUME_CRITICAL_FIELDS, TrainConfig
 from vcfast.train.evaluate import evaluate, flatten_metrics
 from vcfast.train.logs import (
     CsvLog,
@@ -60,6 +57,7 @@ from vcfast.train.logs import (
     save_spectrogram_png,
 )
 from vcfast.train.models import build_models, model_spectrogram, spectrogram_overrides
+from vcfast.train.step import LossWeights, StepBatch, Stepper, encode_batch, make_optimizer
 
 __all__ = ["LOSS_COLUMNS", "resolve_device", "train"]
 
@@ -76,6 +74,8 @@ LOSS_COLUMNS = [
     "g_id",
     "g_fm",
 ]
+#: The step the loop runs (vcfast/train/step.py; the name tests patch).
+_Stepper = Stepper
 _TIMING_COLUMNS = ["seconds_per_step", "steps_per_s", "samples_per_s", "elapsed_s"]
 _GRIFFIN_LIM_ITERATIONS = 32
 
@@ -168,147 +168,21 @@ class _BatchStream:
         self._iterator = None
 
 
-@dataclass
-class _Batch:
-    x_real: torch.Tensor
-    x_orig: torch.Tensor
-    labels_real: torch.Tensor
-    labels_orig: torch.Tensor
-
-
 def _to_spectrograms(
-    batch: dict[str, torch.Tensor], device: torch.device, image_size: int
-) -> _Batch:
-    """Waves -> [B, 1, image_size, image_size] spectrograms on the training device."""
+    batch: dict[str, torch.Tensor], device: torch.device, image_size: int, label_space: LabelSpace
+) -> StepBatch:
+    """Waves -> [B, 1, image_size, image_size] spectrograms on the training device, with the
+    label tensors the step reads (vcfast/train/step.py)."""
     wave_real = batch["wave_real"].to(device, non_blocking=True)
     wave_orig = batch["wave_orig"].to(device, non_blocking=True)
-    return _Batch(
-        x_real=model_spectrogram(wave_real, image_size),
-        x_orig=model_spectrogram(wave_orig, image_size),
-        labels_real=batch["labels_real"].to(device),
-        labels_orig=batch["labels_orig"].to(device),
+    return encode_batch(
+        model_spectrogram(wave_real, image_size),
+        model_spectrogram(wave_orig, image_size),
+        batch["labels_real"].to(device),
+        batch["labels_orig"].to(device),
+        label_space,
+        device=device,
     )
-
-
-# ---------------------------------------------------------------------------------------------
-# One step
-
-
-def _discriminate(
-    discriminator, x: torch.Tensor
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(src, cls, feature) with the trunk run once (StarGAN's D exposes its two heads)."""
-    if hasattr(discriminator, "conv1") and hasattr(discriminator, "conv2"):
-        feature = discriminator.features(x)
-        return discriminator.conv1(feature), discriminator.conv2(feature).flatten(1), feature
-    src, cls = discriminator(x)
-    return src, cls, discriminator.features(x)
-
-
-class _Stepper:
-    """The losses and updates (docs/training.md#one-training-step) for one (G, D) pair."""
-
-    def __init__(
-        self,
-        config: TrainConfig,
-        generator,
-        discriminator,
-        opt_g,
-        opt_d,
-        label_space: LabelSpace,
-        device: torch.device,
-    ) -> None:
-        self.config = config
-        self.generator = generator
-        self.discriminator = discriminator
-        self.opt_g = opt_g
-        self.opt_d = opt_d
-        self.label_space = label_space
-        self.sizes = label_space.sizes
-        self.device = device
-
-    def autocast(self):
-        """bf16 autocast when asked for (the losses themselves are computed in fp32)."""
-        return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.config.bf16)
-
-    def d_step(self, batch: _Batch) -> dict[str, float]:
-        """One critic update on ``batch``."""
-        cfg, G, D = self.config, self.generator, self.discriminator
-        c_target = self.label_space.generator_input(batch.labels_orig, device=self.device)
-        t_real = self.label_space.classifier_target(batch.labels_real, device=self.device)
-        self.opt_d.zero_grad(set_to_none=True)
-        with torch.no_grad(), self.autocast():
-            x_fake = G(batch.x_real, c_target)
-        x_fake = x_fake.float()
-        gp = torch.zeros((), device=self.device)
-        if cfg.lambda_gp > 0:
-            # The penalty before D's forwards: autograd runs the nodes made last first, so the
-            # penalty's backward comes after the real/fake backward, when little else is alive
-            # (vcfast/ops/gradient_penalty.py, "Order in a combined loss").
-            with self.autocast():
-                gp = gradient_penalty(D, batch.x_orig, x_fake, weight=cfg.lambda_gp, mode="lean")
-        with self.autocast():
-            src_real, cls_real = D(batch.x_real)
-            src_fake, _ = D(x_fake)
-        adv = -src_real.float().mean() + src_fake.float().mean()
-        cls = masked_multigroup_bce(cls_real.float(), t_real, self.sizes)
-        loss = adv + cfg.lambda_cls * cls + gp
-        loss.backward()
-        self.opt_d.step()
-        return {
-            "d_loss": loss.item(),
-            "d_adv": adv.item(),
-            "d_cls": cls.item(),
-            "d_gp": float(gp.item()),
-        }
-
-    def g_step(self, batch: _Batch) -> dict[str, float]:
-        """One generator update on ``batch`` (D frozen: no weight gradients computed for it)."""
-        cfg, G, D = self.config, self.generator, self.discriminator
-        c_real = self.label_space.generator_input(batch.labels_real, device=self.device)
-        c_target = self.label_space.generator_input(batch.labels_orig, device=self.device)
-        t_target = self.label_space.classifier_target(batch.labels_orig, device=self.device)
-        self.opt_g.zero_grad(set_to_none=True)
-        D.requires_grad_(False)
-        try:
-            # Identity first, on its own graph: backward frees it before the main graph exists.
-            with torch.set_grad_enabled(cfg.lambda_id > 0), self.autocast():
-                x_id = G(batch.x_real, c_real)
-            identity = F.mse_loss(x_id.float(), batch.x_real)
-            if cfg.lambda_id > 0:
-                (cfg.lambda_id * identity).backward()
-            del x_id
-            with self.autocast():
-                x_fake = G(batch.x_real, c_target)
-                src_fake, cls_fake, feature_fake = _discriminate(D, x_fake)
-                x_rec = G(x_fake, c_real)
-                with torch.no_grad():
-                    feature_orig = D.features(batch.x_orig)
-            adv = -src_fake.float().mean()
-            cls = masked_multigroup_bce(cls_fake.float(), t_target, self.sizes)
-            rec = F.mse_loss(x_rec.float(), batch.x_real)
-            fm = F.mse_loss(feature_fake.float(), feature_orig.float())
-            loss = adv + cfg.lambda_cls * cls + cfg.lambda_rec * rec + cfg.lambda_fm * fm
-            loss.backward()
-            self.opt_g.step()
-        finally:
-            D.requires_grad_(True)
-        return {
-            "g_loss": loss.item() + cfg.lambda_id * identity.item(),
-            "g_adv": adv.item(),
-            "g_cls": cls.item(),
-            "g_rec": rec.item(),
-            "g_id": identity.item(),
-            "g_fm": fm.item(),
-        }
-
-
-def _make_optimizer(config: TrainConfig, params) -> torch.optim.Optimizer:
-    _, extra = OPTIMIZERS[config.optimizer]
-    lr = config.learning_rate
-    if config.optimizer == "rmsprop":
-        return torch.optim.RMSprop(params, lr=lr, **extra)
-    return torch.optim.Adam(params, lr=lr, **extra)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -544,8 +418,8 @@ def train(
     generator, discriminator = build_models(config, label_space)  # seeds the global RNG
     generator.to(device).train()
     discriminator.to(device).train()
-    opt_g = _make_optimizer(config, generator.parameters())
-    opt_d = _make_optimizer(config, discriminator.parameters())
+    opt_g = make_optimizer(config.optimizer, generator.parameters(), config.learning_rate)
+    opt_d = make_optimizer(config.optimizer, discriminator.parameters(), config.learning_rate)
     step, epoch, batch_index = 0, 0, 0
     last_eval: dict[str, Any] | None = None
     if resume_from is not None:
@@ -571,7 +445,15 @@ def train(
         items_per_epoch=max(len(train_corpus.utterances), config.batch_size),
     )
     stream = _BatchStream(dataset, config, epoch, batch_index, pin_memory=device.type == "cuda")
-    stepper = _Stepper(config, generator, discriminator, opt_g, opt_d, label_space, device)
+    stepper = _Stepper(
+        generator,
+        discriminator,
+        opt_g,
+        opt_d,
+        label_space.sizes,
+        weights=LossWeights.from_config(config),
+        autocast=lambda: torch.autocast(device.type, dtype=torch.bfloat16, enabled=config.bf16),
+    )
     image_size = config.model_sizes["image_size"]
     sampler = _Sampler(
         held_out or train_corpus, label_space, config.seed, run_dir / "samples", device, image_size
@@ -683,9 +565,9 @@ def train(
             iteration_start = position()
             tick = time.perf_counter()
             for _ in range(config.n_critic):
-                batch = _to_spectrograms(stream.next(), device, image_size)
-                d_losses = stepper.d_step(batch)
-            g_losses = stepper.g_step(batch)
+                batch = _to_spectrograms(stream.next(), device, image_size, label_space)
+                d_losses = stepper.values(stepper.d_step(batch))
+            g_losses = stepper.values(stepper.g_step(batch))
             if device.type == "cuda":
                 torch.cuda.synchronize(device)
             seconds = time.perf_counter() - tick
