@@ -9,9 +9,11 @@ from vcfast._extension import backends, build_info
 from vcfast.labels import LabelSpace
 from vcfast.metrics import multigroup_accuracy
 from vcfast.models import convert_stargan
+from vcfast.nn.mel import LogMelSpectrogram
 from vcfast.ops.classification import masked_multigroup_bce, masked_multigroup_softmax_ce
 from vcfast.ops.gradient_penalty import gradient_penalty
 from vcfast.ops.inverse import spectrogram_to_wave
+from vcfast.ops.mel import MEL_PRESETS, MelConfig, log_mel_spectrogram, mel_filterbank
 from vcfast.ops.spectrogram import (
     PRESETS,
     SpectrogramConfig,
@@ -24,16 +26,21 @@ __version__ = "0.1.0"
 
 __all__ = [
     "LabelSpace",
+    "LogMelSpectrogram",
+    "MEL_PRESETS",
+    "MelConfig",
     "PRESETS",
     "SpectrogramConfig",
     "backends",
     "build_info",
     "convert_stargan",
+    "log_mel_spectrogram",
     "log_spectrogram",
     "labels",
     "masked_multigroup_bce",
     "masked_multigroup_softmax_ce",
     "measure_bin_stats",
+    "mel_filterbank",
     "memory",
     "metrics",
     "models",
