@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -143,6 +144,13 @@ def mel_filterbank(
     fb = torch.clamp_min(torch.minimum(down, up), 0.0)
     if norm == "slaney":
         fb = fb * (2.0 / (f_pts[2:] - f_pts[:-2]))
+    if not torch.compiler.is_compiling():
+        empty = (fb.amax(dim=0) == 0).nonzero().flatten().tolist()
+        if empty:
+            warnings.warn(
+                f"mel_filterbank: mel band(s) {empty} fall between two STFT bins and are all "
+                f"zero (their output is the log floor); use fewer mels, a larger n_fft or "
+                f"mel_scale='slaney'", stacklevel=2)
     return fb.to(dtype=dtype, device=device)
 
 
@@ -264,8 +272,10 @@ class MelNormalization:
 
 
 MEL_PRESETS: dict[str, MelConfig] = {
-    # ESC-50 clips: 5 s at 44.1 kHz (220 500 samples) -> 128 mels x 431 frames.
-    "esc50_mel": MelConfig(sample_rate=44100, n_fft=1024, hop=512, n_mels=128, center=True),
+    # ESC-50 clips: 5 s at 44.1 kHz (220 500 samples) -> 128 mels x 431 frames. Slaney's
+    # scale and area norm (librosa's defaults): on the HTK scale band 0 would be empty here.
+    "esc50_mel": MelConfig(sample_rate=44100, n_fft=1024, hop=512, n_mels=128, center=True,
+                           mel_scale="slaney", mel_norm="slaney"),
 }
 
 _FIELDS = {f.name for f in dataclasses.fields(MelConfig)}
