@@ -272,6 +272,19 @@ def test_no_grad_and_inference_mode(backend):
         torch.testing.assert_close(out, expected.detach(), rtol=0, atol=0)
 
 
+def test_inference_mode_first_then_grad():
+    # The functional caches its window and filterbank per configuration: one made under
+    # inference_mode must still be usable by a later call that autograd records.
+    settings = dict(TINY, n_mels=23, f_min=12.5)
+    wave = _wave(2, 3000).requires_grad_(True)
+    with torch.inference_mode():
+        first = vcfast.log_mel_spectrogram(wave.detach(), **settings)
+    out = vcfast.log_mel_spectrogram(wave, **settings)
+    (grad,) = torch.autograd.grad(out.sum(), wave)
+    assert torch.isfinite(grad).all()
+    torch.testing.assert_close(out.detach(), first, rtol=0, atol=0)
+
+
 def test_custom_window_tensor():
     wave = _wave(2, 3000)
     win = torch.hann_window(256)

@@ -21,6 +21,7 @@ so neither is a registered op; fused C++/Triton kernels are to come.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 import warnings
 from collections.abc import Sequence
@@ -399,8 +400,10 @@ def _log_mel_fast(
     spectrum = torch.stft(wave, config.n_fft, config.hop, window=window, center=config.center,
                           pad_mode=config.pad_mode, return_complex=True)
     if config.power == 2.0:
-        # |X|^2 as re^2 + im^2: no square root, and autograd keeps only the spectrum.
-        power = torch.view_as_real(spectrum).square().sum(-1)
+        # |X|^2 as re^2 + im^2, accumulated in place: no square root, and autograd keeps only
+        # views of the spectrum.
+        power = spectrum.real.square()
+        power.addcmul_(spectrum.imag, spectrum.imag)
     elif config.power == 1.0:
         power = spectrum.abs()
     else:
@@ -489,6 +492,14 @@ def _prepare(wave, preset, window, mean, std, settings):
     return config, custom_window, mean, std
 
 
+@functools.lru_cache(maxsize=32)
+def _cached_window_filterbank(config: MelConfig, dtype: torch.dtype, device: torch.device):
+    """The window and filterbank of a functional call, made once per configuration (outside
+    inference mode, so that a graph may save them later; never modified in place)."""
+    with torch.inference_mode(False), torch.no_grad():
+        return config.make_window(dtype, device), config.make_filterbank(dtype, device)
+
+
 def log_mel_spectrogram(
     wave: torch.Tensor,
     preset: str | MelConfig | None = None,
@@ -525,7 +536,10 @@ def log_mel_spectrogram(
     if not isinstance(wave, torch.Tensor):
         _check_wave(wave, config)
     dtype, device = _compute_dtype(wave), wave.device
-    win = (custom_window if custom_window is not None else config.make_window(dtype, device))
-    fb = config.make_filterbank(dtype, device)
+    if torch.compiler.is_compiling():
+        win, fb = config.make_window(dtype, device), config.make_filterbank(dtype, device)
+    else:
+        win, fb = _cached_window_filterbank(config, dtype, device)
+    win = custom_window if custom_window is not None else win
     mean, std = make_affine(config, dtype, device, mean, std)
     return _apply(wave, config, win, fb, mean, std, backend)
