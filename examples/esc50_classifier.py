@@ -83,6 +83,9 @@ def make_log_mel(choice: str):
     if choice == "vcfast" and not has_vcfast:
         raise SystemExit("esc50_classifier: this vcfast has no log_mel_spectrogram")
     if choice != "torch" and has_vcfast:
+        preset = getattr(vcfast, "MEL_PRESETS", {}).get("esc50_mel")
+        if preset is not None and preset.sample_rate != SR:  # clips are loaded at SR
+            raise SystemExit(f"esc50_classifier: esc50_mel expects {preset.sample_rate} Hz")
         return (lambda w: vcfast.log_mel_spectrogram(w, preset="esc50_mel"),
                 'vcfast.log_mel_spectrogram(preset="esc50_mel")')
     fbank = htk_mel_filterbank()
