@@ -59,7 +59,8 @@ include_dirs = [os.path.join(root, "csrc", "include"), os.path.join(root, "csrc"
 # No errno or FP-trap semantics are needed; without these GCC will not vectorise sqrt and
 # the guarded divisions of the per-bin loops. torch adds the C++ standard it needs (C++20).
 cxx_flags = ["-O3", "-fno-math-errno", "-fno-trapping-math"]
-sources = ["csrc/ops.cpp"] + sorted(glob.glob("csrc/cpu/*.cpp"))
+sources = (["csrc/ops.cpp"] + sorted(glob.glob("csrc/checks/*.cpp"))
+           + sorted(glob.glob("csrc/cpu/*.cpp")))
 
 reason = _cuda_build_reason()
 if reason is None:
