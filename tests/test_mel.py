@@ -272,6 +272,17 @@ def test_no_grad_and_inference_mode(backend):
         torch.testing.assert_close(out, expected.detach(), rtol=0, atol=0)
 
 
+def test_chunked_no_grad_matches(monkeypatch):
+    import vcfast.ops.mel as mel_module
+
+    wave = _wave(5, 4000)
+    whole = vcfast.log_mel_spectrogram(wave, **TINY, log="db", top_db=40.0)
+    monkeypatch.setattr(mel_module, "_CHUNK_ELEMENTS", 2 * 63 * 129)  # two clips a chunk
+    with torch.no_grad():
+        chunked = vcfast.log_mel_spectrogram(wave, **TINY, log="db", top_db=40.0)
+    torch.testing.assert_close(chunked, whole.detach(), rtol=1e-6, atol=1e-5)
+
+
 def test_inference_mode_first_then_grad():
     # The functional caches its window and filterbank per configuration: one made under
     # inference_mode must still be usable by a later call that autograd records.

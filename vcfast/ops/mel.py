@@ -471,9 +471,31 @@ def _apply(wave, config, window, filterbank, mean, std, backend) -> torch.Tensor
     window, filterbank = window.to(x.device, dtype), filterbank.to(x.device, dtype)
     if mean is not None:
         mean, std = mean.to(x.device, dtype), std.to(x.device, dtype)
-    impl = log_mel_spectrogram_reference if backend == "reference" else _log_mel_fast
-    out = impl(x, config, window, filterbank, mean, std)
+    if backend == "reference":
+        out = log_mel_spectrogram_reference(x, config, window, filterbank, mean, std)
+    elif _tracks(x) or torch.compiler.is_compiling():
+        out = _log_mel_fast(x, config, window, filterbank, mean, std)
+    else:
+        out = _log_mel_fast_chunked(x, config, window, filterbank, mean, std)
     return out[0] if wave.dim() == 1 else out
+
+
+# Without autograd the fast path runs a few clips at a time, so that its spectrum-sized
+# temporaries (padded frames, complex spectrum, |X|^2) stay near this many elements instead of
+# growing with the batch; every step is per clip (top_db included), so the result is the same.
+_CHUNK_ELEMENTS = 1 << 20
+
+
+def _log_mel_fast_chunked(x, config, window, filterbank, mean, std) -> torch.Tensor:
+    per_clip = config.n_frames(x.shape[-1]) * config.n_freqs
+    clips = max(1, _CHUNK_ELEMENTS // per_clip)
+    if clips >= x.shape[0]:
+        return _log_mel_fast(x, config, window, filterbank, mean, std)
+    out = x.new_empty((x.shape[0], config.n_mels, config.n_frames(x.shape[-1])))
+    for start in range(0, x.shape[0], clips):
+        out[start:start + clips] = _log_mel_fast(x[start:start + clips], config, window,
+                                                 filterbank, mean, std)
+    return out
 
 
 def _prepare(wave, preset, window, mean, std, settings):
