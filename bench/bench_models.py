@@ -1,15 +1,16 @@
 """StarGAN-VC training steps, official layout ("reference") vs vcfast, on CPU; and the
 iteration-memory estimator's table.
 
-Steps (docs/training.md#one-training-step, vcfast.estimate.TrainingIteration, the code the estimator
-runs on meta):
+Steps (docs/training.md#one-training-step): vcfast.estimate.TrainingIteration, whose D and G
+steps are vcfast.train.step.Stepper's, the code `vcfast train` runs and the estimator runs on
+meta:
 * D step: D(real), D(G(real, c') under no_grad), masked BCE on the classifier, gradient
   penalty (reference: autograd double backward; vcfast: lean), backward, RMSprop step.
-* G step: G(real, c'), D on it, reconstruction G(fake, c), identity G(real, c), feature
-  matching, backward, RMSprop step. vcfast: LabelConcatConv2d (no tiled labels), norm-act
-  units, the fused loss, identity term back-propagated on its own.
-Reference models: vcfast.models.OfficialGenerator + StarGANDiscriminator; vcfast: the same
-models through vcfast.convert_stargan (same parameters).
+* G step (D frozen): G(real, c'), D on it (trunk once), reconstruction G(fake, c), identity
+  G(real, c), feature matching, backward, RMSprop step. vcfast: LabelConcatConv2d (no tiled
+  labels), norm-act units, the fused loss, identity term back-propagated on its own first.
+Reference models: vcfast.models.OfficialGenerator + StarGANDiscriminator; vcfast: the
+trainer's StarGANGenerator (the same architecture, what vcfast.convert_stargan makes of it).
 
 Timed with pytest-benchmark at batch 1 and 2, paper size (1x256x256, conv_dim 64, 1479-wide
 labels), fp32, CPU. Memory: one full iteration (5 D steps + 1 G step) measured for real in a

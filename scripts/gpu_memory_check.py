@@ -1,8 +1,9 @@
 """Real peak memory of StarGAN-VC training iterations beside vcfast's estimate (GPU validation).
 
 Two checks, both on :class:`vcfast.estimate.TrainingIteration` (``n_critic`` D steps with the
-gradient penalty + 1 G step, RMSprop), the code the estimator itself runs on the meta device,
-so estimate and measurement describe the same computation:
+gradient penalty + 1 G step, RMSprop or ``--optimizer adam``), whose steps are
+:class:`vcfast.train.step.Stepper`'s: the code ``vcfast train`` runs and the estimator itself
+runs on the meta device, so estimate and measurement describe the same computation:
 
 ``estimator``: vcfast's paper-size iteration at each batch and precision, the estimate
 (:func:`vcfast.estimate.estimate_iteration`) against ``torch.cuda.max_memory_allocated`` of a
@@ -97,7 +98,7 @@ def _sizes(args) -> dict:
     groups = DEFAULT_GROUPS if args.label_groups is None else \
         tuple((f"group{i}", size) for i, size in enumerate(args.label_groups))
     return {"image_size": args.image_size, "conv_dim": args.conv_dim, "n_critic": args.n_critic,
-            "label_space": LabelSpace(groups)}
+            "label_space": LabelSpace(groups), "optimizer": args.optimizer}
 
 
 def _comparable(estimate: dict, device: torch.device) -> int:
@@ -196,6 +197,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--image-size", type=int, default=256)
     parser.add_argument("--conv-dim", type=int, default=64)
     parser.add_argument("--n-critic", type=int, default=5)
+    parser.add_argument("--optimizer", default="rmsprop", choices=["rmsprop", "adam"],
+                        help="the trainer's optimizer (vcfast train --optimizer)")
     parser.add_argument("--label-groups", type=lambda t: _parse_list(t, int), default=None,
                         help="label group sizes (default: the paper's 1421,53,2); small groups "
                              "make the tiny CPU dry run quick")

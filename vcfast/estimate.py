@@ -1,22 +1,30 @@
 """How much memory one StarGAN-VC training iteration needs: official layout vs vcfast.
 
 One iteration (docs/training.md#one-training-step) = ``n_critic`` D steps (real, fake, gradient
-penalty, masked BCE on the classifier, backward, RMSprop step) + one G step (G(x_real, c'), D on it,
-reconstruction G(x_fake, c_real), identity G(x_real, c_real), feature matching on D's 2048x4x4
-feature, backward, step). :class:`TrainingIteration` is that iteration, written once: the estimator
-runs it on the ``meta`` device under :class:`vcfast.memory.LiveBytesTracker` (the paper-size
-models at batch 16 are sized without allocating anything), the validation and the benchmarks
-run the very same code on real CPU tensors (:func:`measure_iteration`).
+penalty, masked BCE on the classifier, backward, optimizer step) + one G step (D frozen;
+G(x_real, c'), D on it, reconstruction G(x_fake, c_real), identity G(x_real, c_real), feature
+matching on D's trunk feature, backward, step). The steps are written once, in
+vcfast/train/step.py (:class:`vcfast.train.step.Stepper`): ``vcfast train`` runs them on its
+batches, and :class:`TrainingIteration` (models, optimizers, one batch) calls the same methods.
+The estimator runs it on the ``meta`` device under :class:`vcfast.memory.LiveBytesTracker` (the
+paper-size models at batch 16 are sized without allocating anything), the validation and the
+benchmarks run the very same code on real CPU tensors (:func:`measure_iteration`); so
+``vcfast memory`` sizes what ``vcfast train`` runs for the same options (model ``size``,
+bf16 autocast, residual-block checkpointing, ``optimizer``, batch, loss ``weights``).
 
-``implementation="reference"``: the official StarGAN code's layout (labels tiled and
-concatenated, InstanceNorm + ReLU as separate layers, autograd double-backward penalty,
-plain masked BCE).
-``implementation="vcfast"``: the same models converted with :func:`vcfast.convert_stargan`
-(LabelConcatConv2d, keep-one-tensor norm-act units), the lean penalty, the fused loss, and
-the identity term back-propagated on its own before the rest of the G loss (gradients
-accumulate; one fewer G graph is alive at the peak). Options: residual-block checkpointing
-(``checkpoint_residual_blocks``) and bf16 autocast (``autocast="bf16"``: fp32 weights,
-gradients and optimizer state; matmul/conv activations in bf16).
+``implementation="vcfast"``: the trainer's models (StarGANGenerator: LabelConcatConv2d,
+keep-one-tensor norm-act units; what :func:`vcfast.convert_stargan` makes of the official G),
+the lean penalty, the fused loss, and the identity term back-propagated on its own before the
+rest of the G loss (gradients accumulate; one fewer G graph is alive at the peak); each step
+frees its network's gradient buffers first (``zero_grad(set_to_none=True)``) and computes the
+losses in fp32 outside autocast, as the trainer does.
+``implementation="reference"``: the same step in the official StarGAN code's layout
+(``Stepper(official=True)``: the official G with its labels tiled and concatenated,
+InstanceNorm + ReLU as separate layers, autograd double-backward penalty, plain masked BCE,
+the identity term in the main graph), for comparison; the trainer never runs it.
+Options: residual-block checkpointing (``checkpoint_residual_blocks``) and bf16 autocast
+(``autocast="bf16"``: fp32 weights, gradients and optimizer state; matmul/conv activations
+in bf16).
 
 Autocast on the meta device: ``torch.autocast`` only casts tensors of its own device type and
 has no meta variant, so on meta the iteration runs under an emulation of it (a
@@ -45,6 +53,8 @@ reference +2.4 % and vcfast +2.0 % on the AVX-512 path, +2.3 % and +0.5 % on the
 MiB (AVX-512) and 734 vs 734 MiB (AVX2). The fixed AVX-512 model matches at paper size on
 both paths (-0.2 %, -0.0 %) and at the reduced size on AVX-512 (+2.9 %, +2.1 %), but misses
 the reduced size on AVX2 (-15.4 %, -18.8 %): small convolutions take other oneDNN kernels.
+(These RSS figures predate the iteration running the trainer's own step; rerun
+bench/bench_models.py to refresh them.)
 """
 
 from __future__ import annotations
