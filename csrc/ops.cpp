@@ -28,7 +28,7 @@ TORCH_LIBRARY(vcfast, m) {
       "Tensor scale, int n_fft, int hop, int bin_lo, int bin_hi, float magnitude_scale, "
       "float power, float log_offset, float log_floor, float clip_lo, float clip_hi) -> Tensor");
   // Masked multi-group losses (docs/ops.md#masked-multi-group-losses). reduction: 0 none, 1 sum, 2
-  // mean, 3 group_mean. group_counts[g] = number of valid entries (sigmoid) / known samples
+  // mean, 3 group_mean. group_counts[g] (int64) = number of valid entries (sigmoid) / known samples
   // (softmax) of group g: with logits and targets it is all the backward needs.
   m.def(
       "masked_multigroup_bce(Tensor logits, Tensor targets, int[] groups, Tensor? pos_weight, "

@@ -329,11 +329,12 @@ std::tuple<at::Tensor, at::Tensor> finish_forward(const T* s, const int32_t* k, 
       group_sums[g] += static_cast<double>(s[r * n_groups + g]);
     }
   }
-  at::Tensor group_counts = at::empty({n_groups}, options);
-  T* c = group_counts.data_ptr<T>();
+  // int64, as every backend returns them (one output schema for the C++ and Triton ops).
+  at::Tensor group_counts = at::empty({n_groups}, options.dtype(at::kLong));
+  int64_t* c = group_counts.data_ptr<int64_t>();
   int64_t total_count = 0;
   for (int64_t g = 0; g < n_groups; ++g) {
-    c[g] = static_cast<T>(counts[g]);
+    c[g] = counts[g];
     total_count += counts[g];
   }
   if (reduction == kReduceNone) return {loss_none, group_counts};

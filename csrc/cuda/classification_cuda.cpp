@@ -120,7 +120,9 @@ std::tuple<at::Tensor, at::Tensor> forward_common(const Prepared& p, int64_t red
   launch_loss_finish(s.data_ptr(), k.data_ptr<int32_t>(), p.loss_type == at::kDouble, n_rows,
                      n_groups, reduction, counts.data_ptr(), loss.data_ptr(), stream);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
-  return {loss, counts};
+  // int64, as every backend returns them (one output schema for the C++ and Triton ops); the
+  // finishing kernel writes the loss dtype, and [G] elements convert on the stream, no sync.
+  return {loss, counts.to(at::kLong)};
 }
 
 std::tuple<at::Tensor, at::Tensor> masked_multigroup_bce_cuda(

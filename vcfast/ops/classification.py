@@ -188,7 +188,8 @@ if _extension.EXTENSION_LOADED:
     def _fake_outputs(logits, groups, reduction):
         dtype = loss_dtype(logits)
         shape = (logits.shape[0], len(groups)) if reduction == 0 else ()
-        return (logits.new_empty(shape, dtype=dtype), logits.new_empty((len(groups),), dtype=dtype))
+        counts = logits.new_empty((len(groups),), dtype=torch.int64)
+        return logits.new_empty(shape, dtype=dtype), counts
 
     @torch.library.register_fake("vcfast::masked_multigroup_bce")
     def _bce_fake(logits, targets, groups, pos_weight, reduction):
