@@ -67,7 +67,10 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
         "--steps", type=int, default=None, help="G steps to train in total (default 1000)"
     )
     parser.add_argument(
-        "--batch-size", type=int, default=None, help="samples per batch (default 2)"
+        "--batch-size",
+        type=int,
+        default=None,
+        help="samples per batch, per process under torchrun (default 2)",
     )
     parser.add_argument(
         "--n-critic", type=int, default=None, help="D updates per G update (default 5)"
@@ -145,11 +148,26 @@ def cmd_train(args: argparse.Namespace) -> int:
     """Run ``vcfast train``: print the corpus summary, train, print the run summary.
 
     Returns the exit code (0, or 130 when interrupted with Ctrl-C after saving a checkpoint).
+    Under torchrun (``WORLD_SIZE > 1``) every process runs it; rank 0 alone prints.
     """
+    from vcfast.train.distributed import init_from_env, rank_errors, shutdown
+
+    config = config_from_args(args)
+    # Under torchrun: join the process group (docs/training.md#several-processes-ddp); without
+    # its variables this is one process, as before. A rank's error is printed with its rank.
+    ctx = init_from_env(config.device)
+    try:
+        with rank_errors(ctx):
+            return _train_command(args, config, ctx)
+    finally:
+        shutdown(ctx)
+
+
+def _train_command(args: argparse.Namespace, config: TrainConfig, ctx) -> int:
     from vcfast.data import demo_corpus_dir, load_corpus
     from vcfast.train.loop import train
 
-    config = config_from_args(args)
+    main = ctx.is_main
     data = args.data
     saved_corpus = Path(args.out) / "corpus.json"
     if data is None and args.resume and saved_corpus.is_file():
@@ -157,19 +175,44 @@ def cmd_train(args: argparse.Namespace) -> int:
     if data is None:
         data = demo_corpus_dir()
     corpus = load_corpus(data)
-    print(corpus.summary(), flush=True)
-    print(
-        f"training {config.size} models on {config.device}: {config.steps} G steps x "
-        f"{config.n_critic} D steps, batch {config.batch_size}, {config.optimizer} "
-        f"lr {config.learning_rate:g} -> {args.out}",
-        flush=True,
-    )
-    summary = train(config, corpus, args.out, resume=args.resume, progress=not args.no_progress)
-    shown = {k: v for k, v in summary.items() if k not in ("config",)}
-    print(json.dumps(shown, indent=2, default=str))
-    if summary["stopped"] == "interrupted":
+    if main:
+        print(corpus.summary(), flush=True)
+        batch = f"batch {config.batch_size}"
+        if ctx.world_size > 1:
+            batch = (
+                f"batch {config.batch_size} per process x {ctx.world_size} processes = "
+                f"{config.batch_size * ctx.world_size}"
+            )
         print(
-            f"interrupted; continue with: vcfast train --out {args.out} --resume", file=sys.stderr
+            f"training {config.size} models on {ctx.device if ctx.distributed else config.device}"
+            f": {config.steps} G steps x {config.n_critic} D steps, {batch}, {config.optimizer} "
+            f"lr {config.learning_rate:g} -> {args.out}",
+            flush=True,
         )
+    summary = train(
+        config,
+        corpus,
+        args.out,
+        resume=args.resume,
+        progress=not args.no_progress,
+        dist_ctx=ctx,
+    )
+    if main:
+        shown = {k: v for k, v in summary.items() if k not in ("config",)}
+        print(json.dumps(shown, indent=2, default=str))
+        if ctx.world_size > 1 and summary["samples_per_s"] is not None:
+            per_rank = ", ".join(f"{v:.2f}" for v in summary["per_rank_samples_per_s"])
+            print(
+                f"throughput: {summary['samples_per_s']:.2f} samples/s on {ctx.world_size} "
+                f"processes (global batch {summary['global_batch_size']}); per process: "
+                f"{per_rank}",
+                flush=True,
+            )
+    if summary["stopped"] == "interrupted":
+        if main:
+            print(
+                f"interrupted; continue with: vcfast train --out {args.out} --resume",
+                file=sys.stderr,
+            )
         return 130
     return 0

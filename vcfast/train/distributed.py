@@ -54,6 +54,7 @@ __all__ = [
     "barrier",
     "broadcast_object",
     "free_port",
+    "gather_object",
     "init_from_env",
     "is_main",
     "main_process_only",
@@ -392,6 +393,20 @@ def broadcast_object(ctx: DistributedContext, obj: Any = None, src: int = 0) -> 
     device = ctx.device if ctx.backend == "nccl" else None
     dist.broadcast_object_list(box, src=src, device=device)
     return box[0]
+
+
+def gather_object(ctx: DistributedContext, obj: Any, dst: int = 0) -> Optional[list]:
+    """Every rank's ``obj``, by rank, on rank ``dst``; ``None`` on the others (``[obj]`` in one
+    process). Every rank must call it. For the checkpoint: each rank's RNG states."""
+    if not ctx.distributed:
+        return [obj]
+    if ctx.backend == "nccl":  # NCCL has no gather of objects: all-gather instead
+        out: list = [None] * ctx.world_size
+        dist.all_gather_object(out, obj)
+        return out if ctx.rank == dst else None
+    out = [None] * ctx.world_size if ctx.rank == dst else None
+    dist.gather_object(obj, out, dst=dst)
+    return out
 
 
 def all_reduce_mean(ctx: DistributedContext, tensor) -> torch.Tensor:

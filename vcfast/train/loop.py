@@ -23,6 +23,7 @@ import contextlib
 import json
 import os
 import resource
+import sys
 import time
 import warnings
 from collections.abc import Iterator
@@ -32,6 +33,7 @@ from typing import Any
 import torch
 
 from vcfast.data import Corpus, StarGANPairDataset, make_loader, save_audio
+from vcfast.data.dataset import _mixed_seed
 from vcfast.labels import LabelSpace
 from vcfast.models.generator import inference_mode
 from vcfast.ops.inverse import spectrogram_to_wave
@@ -48,6 +50,15 @@ from vcfast.train.checkpoint import (
     write_atomically,
 )
 from vcfast.train.config import RESUME_CRITICAL_FIELDS, TrainConfig
+from vcfast.train.distributed import (
+    DistributedContext,
+    all_reduce_mean,
+    barrier,
+    broadcast_object,
+    gather_object,
+    reduce_throughput,
+    shard_indices,
+)
 from vcfast.train.evaluate import evaluate, flatten_metrics
 from vcfast.train.logs import (
     CsvLog,
@@ -78,6 +89,7 @@ LOSS_COLUMNS = [
 _Stepper = Stepper
 _TIMING_COLUMNS = ["seconds_per_step", "steps_per_s", "samples_per_s", "elapsed_s"]
 _GRIFFIN_LIM_ITERATIONS = 32
+_TAG_RANK = 0x4A4B  # seeds each rank's RNG with several processes
 
 
 def resolve_device(name: str) -> torch.device:
@@ -102,7 +114,10 @@ def resolve_device(name: str) -> torch.device:
 class _BatchStream:
     """Batches in the order fixed by (seed, epoch, batch index), from any position.
 
-    Each epoch's order comes from :func:`make_loader`; the loader actually iterated is
+    Each epoch's order comes from :func:`make_loader`; with several processes rank ``rank``
+    of ``world_size`` reads its shard of that order (:func:`vcfast.train.distributed.
+    shard_indices`), so step ``k``'s batches over all ranks are the batch of ``batch_size *
+    world_size`` that one process would read at step ``k``; the loader actually iterated is
     rebuilt over the epoch's remaining batches with its own seeded generator, so starting
     mid-epoch loads nothing twice and creating it draws nothing from the global RNG
     (DataLoader otherwise draws its worker base seed from it, which would shift every
@@ -116,7 +131,11 @@ class _BatchStream:
         epoch: int,
         batch_index: int,
         pin_memory: bool,
+        rank: int = 0,
+        world_size: int = 1,
     ) -> None:
+        self.rank = rank
+        self.world_size = world_size
         self.dataset = dataset
         self.config = config
         self.epoch = epoch
@@ -134,8 +153,17 @@ class _BatchStream:
             drop_last=True,
         )
         batches = list(order_loader.batch_sampler)
+        if self.world_size > 1:  # this rank's shard of the same permutation, cut in batches
+            size = self.config.batch_size
+            shard = shard_indices(
+                len(self.dataset), self.epoch, self.config.seed, self.rank, self.world_size
+            )
+            batches = [shard[k * size : (k + 1) * size] for k in range(len(shard) // size)]
         if not batches:
-            raise ValueError(f"the training set yields no batch of {self.config.batch_size}")
+            raise ValueError(
+                f"the training set yields no batch of {self.config.batch_size}"
+                + (f" per rank on {self.world_size} ranks" if self.world_size > 1 else "")
+            )
         if self.batch_index >= len(batches):  # a checkpoint taken exactly at an epoch's end
             self.epoch, self.batch_index = self.epoch + 1, 0
             return self._open_epoch()
@@ -324,6 +352,92 @@ def _check_resumable(
 # train()
 
 
+class _NoLog:
+    """What ranks other than 0 get instead of the CSV logs and the TensorBoard writer."""
+
+    def write(self, row: dict[str, Any]) -> None:
+        pass
+
+    def scalars(self, values: dict[str, float], step: int, prefix: str = "") -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
+def _unwrap(model: torch.nn.Module) -> torch.nn.Module:
+    """The model inside a DistributedDataParallel wrapper (the model itself otherwise)."""
+    if isinstance(model, torch.nn.parallel.DistributedDataParallel):
+        return model.module
+    return model
+
+
+def _average_buffers(ctx: DistributedContext, model: torch.nn.Module) -> None:
+    """Set the floating buffers (G's instance-norm running statistics) to their mean over the
+    ranks. Each rank updates them from its own samples; these updates are linear in the
+    per-sample statistics, so the mean over ranks is what one process with the global batch
+    holds (DDP's default, rank 0's buffers broadcast, would keep rank 0's samples only)."""
+    buffers = [b for b in model.buffers() if b.is_floating_point()]
+    if not buffers:
+        return
+    mean = all_reduce_mean(ctx, torch.cat([b.detach().reshape(-1) for b in buffers]))
+    offset = 0
+    with torch.no_grad():
+        for b in buffers:
+            b.copy_(mean[offset : offset + b.numel()].view_as(b))
+            offset += b.numel()
+
+
+def _resume_position(
+    saved: dict[str, Any], ctx: DistributedContext, config: TrainConfig
+) -> tuple[int, int, str | None]:
+    """(epoch, batch_index, note) to resume ``saved`` (a training state) on ``ctx``'s ranks.
+
+    The same world size resumes exactly. Another one continues from the same epoch, at the
+    first batch of the new global size not fully read yet (a few items of the epoch may be
+    read twice), with other shards and other RNG streams per rank: the note says so.
+    """
+    epoch, batch_index = int(saved["epoch"]), int(saved["batch_index"])
+    saved_world = int(saved.get("world_size", 1))
+    if saved_world == ctx.world_size:
+        return epoch, batch_index, None
+    samples = batch_index * config.batch_size * saved_world
+    new_index = samples // (config.batch_size * ctx.world_size)
+    note = (
+        f"note: this checkpoint was written by {saved_world} process(es), this run has "
+        f"{ctx.world_size}: the global batch is now {config.batch_size} x {ctx.world_size} = "
+        f"{config.batch_size * ctx.world_size} (--batch-size is per process), each process "
+        f"reads another shard of the data order, epoch {epoch} continues at its sample "
+        f"{new_index * config.batch_size * ctx.world_size} (was {samples}), and the "
+        "per-process random streams differ; the run continues but will not match an "
+        "uninterrupted one"
+    )
+    return epoch, new_index, note
+
+
+def _write_run_files(
+    run_dir: Path, config: TrainConfig, corpus: Corpus, label_space: LabelSpace
+) -> None:
+    """config.json, labels.json and corpus.json of the run folder."""
+    write_atomically(run_dir / "config.json", json.dumps(config.to_dict(), indent=2) + "\n")
+    write_atomically(run_dir / "labels.json", json.dumps(label_space.to_dict(), indent=2) + "\n")
+    write_atomically(
+        run_dir / "corpus.json",
+        json.dumps(
+            {
+                "root": str(Path(corpus.root).resolve()),
+                "layout": corpus.layout,
+                "utterances": len(corpus.utterances),
+                # What the corpus loader left out (unreadable, corrupt, shorter than a crop).
+                "skipped": [[str(path), reason] for path, reason in corpus.skipped],
+                "warnings": list(corpus.warnings),
+            },
+            indent=2,
+        )
+        + "\n",
+    )
+
+
 def _peak_memory(device: torch.device) -> dict[str, int | None]:
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
     cuda = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None
@@ -338,6 +452,7 @@ def train(
     resume: bool = False,
     progress: bool = True,
     progress_interval_s: float | None = None,
+    dist_ctx: DistributedContext | None = None,
 ) -> dict[str, Any]:
     """Train StarGAN-VC on ``corpus`` into the run directory ``out_dir`` (docs/training.md).
 
@@ -357,7 +472,15 @@ def train(
     ``peak_rss_bytes`` / ``peak_cuda_allocated_bytes``, ``losses`` (last step), ``eval``
     (last evaluation, nested as :func:`evaluate` returns it), ``checkpoint``, ``sample_png``,
     ``sample_wav``, ``run_dir``, ``device``, ``stopped`` ("completed", "max_minutes" or
-    "interrupted"), ``config``.
+    "interrupted"), ``config``, ``world_size``, ``global_batch_size``,
+    ``per_rank_samples_per_s``.
+
+    ``dist_ctx``: this process's place in a job of several processes
+    (:func:`vcfast.train.distributed.init_from_env`; ``None``: one process). With a world size
+    ``W > 1`` G and D are wrapped in DistributedDataParallel, ``config.batch_size`` is the
+    batch of each rank (the global batch is ``batch_size * W``), each rank reads its shard of
+    the data order, rank 0 alone writes the run folder, and ``samples_per_s`` is the job's
+    (docs/training.md#several-processes-ddp). Every rank must call it with the same arguments.
     """
     if not isinstance(config, TrainConfig):
         raise TypeError(f"train: config must be a TrainConfig, got {type(config).__name__}")
@@ -372,24 +495,41 @@ def train(
     if run_dir.exists() and not run_dir.is_dir():
         raise ValueError(f"train: out_dir {str(run_dir)!r} exists and is not a directory")
     label_space = corpus.label_space
-    device = resolve_device(config.device)
+    ctx = dist_ctx if dist_ctx is not None else DistributedContext()
+    main = ctx.is_main
+    device = ctx.device if ctx.distributed else resolve_device(config.device)
     checkpoints_dir = run_dir / "checkpoints"
 
+    # Rank 0 decides (reads LATEST) and tells every rank: all load the same checkpoint, and a
+    # refusal is raised on every rank with rank 0's message.
     resume_from: Path | None = None
-    if resume:
-        resume_from = latest_checkpoint(run_dir) if run_dir.is_dir() else None
-        if resume_from is None:
-            raise CheckpointError(
-                f"cannot resume: {str(run_dir)!r} has no checkpoint "
-                f"({checkpoints_dir / 'LATEST'} is missing)"
-            )
-        _check_resumable(read_state(resume_from), config, label_space, resume_from)
-    elif (checkpoints_dir / "LATEST").exists():
-        raise ValueError(
-            f"train: {str(run_dir)!r} already holds a training run; pass resume=True "
-            "(--resume) to continue it, or choose another output directory"
-        )
-    run_dir.mkdir(parents=True, exist_ok=True)
+    decision: tuple[str | None, str | None, str | None] = (None, None, None)
+    if main:
+        try:
+            if resume:
+                resume_from = latest_checkpoint(run_dir) if run_dir.is_dir() else None
+                if resume_from is None:
+                    raise CheckpointError(
+                        f"cannot resume: {str(run_dir)!r} has no checkpoint "
+                        f"({checkpoints_dir / 'LATEST'} is missing)"
+                    )
+                _check_resumable(read_state(resume_from), config, label_space, resume_from)
+            elif (checkpoints_dir / "LATEST").exists():
+                raise ValueError(
+                    f"train: {str(run_dir)!r} already holds a training run; pass resume=True "
+                    "(--resume) to continue it, or choose another output directory"
+                )
+            run_dir.mkdir(parents=True, exist_ok=True)
+            decision = (str(resume_from) if resume_from else None, None, None)
+        except (CheckpointError, ValueError) as exc:
+            if not ctx.distributed:
+                raise
+            decision = (None, type(exc).__name__, str(exc))
+    decision = broadcast_object(ctx, decision)
+    if decision[1] is not None:
+        kind = CheckpointError if decision[1] == "CheckpointError" else ValueError
+        raise kind(decision[2])
+    resume_from = Path(decision[0]) if decision[0] is not None else None
 
     # Held-out utterances for evaluation (every speaker keeps at least one for training).
     train_corpus, held_out = corpus, None
@@ -397,27 +537,16 @@ def train(
         train_corpus, held_out = corpus.split(config.held_out_per_speaker, seed=config.seed)
         if not held_out.utterances:
             held_out = None
-    write_atomically(run_dir / "config.json", json.dumps(config.to_dict(), indent=2) + "\n")
-    write_atomically(run_dir / "labels.json", json.dumps(label_space.to_dict(), indent=2) + "\n")
-    write_atomically(
-        run_dir / "corpus.json",
-        json.dumps(
-            {
-                "root": str(Path(corpus.root).resolve()),
-                "layout": corpus.layout,
-                "utterances": len(corpus.utterances),
-                # What the corpus loader left out (unreadable, corrupt, shorter than a crop).
-                "skipped": [[str(path), reason] for path, reason in corpus.skipped],
-                "warnings": list(corpus.warnings),
-            },
-            indent=2,
-        )
-        + "\n",
-    )
+    if main:
+        _write_run_files(run_dir, config, corpus, label_space)
 
     generator, discriminator = build_models(config, label_space)  # seeds the global RNG
     generator.to(device).train()
     discriminator.to(device).train()
+    if ctx.distributed:
+        # Every rank starts from the same weights (same seed; DDP also broadcasts rank 0's),
+        # but each draws its own random numbers (the penalty's interpolation eps).
+        torch.manual_seed(_mixed_seed(_TAG_RANK, config.seed, ctx.rank))
     opt_g = make_optimizer(config.optimizer, generator.parameters(), config.learning_rate)
     opt_d = make_optimizer(config.optimizer, discriminator.parameters(), config.learning_rate)
     step, epoch, batch_index = 0, 0, 0
@@ -431,23 +560,43 @@ def train(
         for optimizer in (opt_g, opt_d):  # an explicitly changed lr takes effect
             for group in optimizer.param_groups:
                 group["lr"] = config.learning_rate
-        restore_rng_state(saved["rng"])
-        step, epoch, batch_index = (
-            int(saved["step"]),
-            int(saved["epoch"]),
-            int(saved["batch_index"]),
-        )
+        per_rank = saved.get("rng_per_rank") or [saved["rng"]]
+        restore_rng_state(per_rank[ctx.rank % len(per_rank)])
+        step = int(saved["step"])
+        epoch, batch_index, note = _resume_position(saved, ctx, config)
+        if note is not None and main:
+            print(note, file=sys.stderr, flush=True)
         last_eval = read_state(resume_from).get("eval")
 
     dataset = StarGANPairDataset(
         train_corpus,
         seed=config.seed,
-        items_per_epoch=max(len(train_corpus.utterances), config.batch_size),
+        items_per_epoch=max(len(train_corpus.utterances), config.batch_size * ctx.world_size),
     )
-    stream = _BatchStream(dataset, config, epoch, batch_index, pin_memory=device.type == "cuda")
+    stream = _BatchStream(
+        dataset,
+        config,
+        epoch,
+        batch_index,
+        pin_memory=device.type == "cuda",
+        rank=ctx.rank,
+        world_size=ctx.world_size,
+    )
+    # The models the rest of the loop (samples, evaluation, checkpoints) uses stay unwrapped;
+    # the step trains the DDP wrappers, whose backward all-reduces (averages) the gradients,
+    # the lean penalty's included (vcfast/ops/gradient_penalty.py, _through_ddp).
+    g_train, d_train = generator, discriminator
+    if ctx.distributed:
+        device_ids = [device.index] if device.type == "cuda" else None
+        g_train, d_train = (
+            torch.nn.parallel.DistributedDataParallel(
+                model, device_ids=device_ids, broadcast_buffers=False
+            )
+            for model in (generator, discriminator)
+        )
     stepper = _Stepper(
-        generator,
-        discriminator,
+        g_train,
+        d_train,
         opt_g,
         opt_d,
         label_space.sizes,
@@ -465,9 +614,18 @@ def train(
         eval_columns += [f"acc_converted_{g}" for g in (*label_space.names, "mean")]
         eval_columns += ["reconstruction_l1", "spectral_convergence"]
     resume_step = step if resume_from is not None else None
-    log = CsvLog(run_dir / "log.csv", [*LOSS_COLUMNS, *_TIMING_COLUMNS], resume_step=resume_step)
-    eval_log = CsvLog(run_dir / "eval.csv", eval_columns, resume_step=resume_step)
-    scalars = ScalarWriter(run_dir / "tb", purge_step=step + 1 if resume_from is not None else None)
+    log: CsvLog | _NoLog = _NoLog()
+    eval_log: CsvLog | _NoLog = _NoLog()
+    scalars: ScalarWriter | _NoLog = _NoLog()
+    if main:
+        log = CsvLog(
+            run_dir / "log.csv", [*LOSS_COLUMNS, *_TIMING_COLUMNS], resume_step=resume_step
+        )
+        eval_log = CsvLog(run_dir / "eval.csv", eval_columns, resume_step=resume_step)
+        scalars = ScalarWriter(
+            run_dir / "tb", purge_step=step + 1 if resume_from is not None else None
+        )
+    progress = progress and main
 
     # A run bounded by wall time (the demo) has no meaningful step total: an open-ended bar
     # beats one that shows "0/1000000, ETA 6000 h".
@@ -479,6 +637,7 @@ def train(
         interval_s=progress_interval_s,
         desc=f"train (<= {config.max_minutes:g} min)" if time_bounded else "train",
     )
+    global_batch = config.batch_size * ctx.world_size
     start_time = time.monotonic()
     train_seconds, steps_this_run = 0.0, 0
     window_seconds, window_steps = 0.0, 0
@@ -495,15 +654,18 @@ def train(
         return stream.epoch, stream.batch_index
 
     def do_sample() -> None:
+        done["sample"] = step
+        if not main:  # the other ranks go on to the next step's all-reduce and wait there
+            return
         with _isolated_rng():
             png, wav = sampler.render(generator, step, config.bf16)
         paths["sample_png"] = str(png) if png else None
         paths["sample_wav"] = str(wav)
-        done["sample"] = step
 
     def do_eval() -> None:
         nonlocal last_eval
-        if held_out is None:
+        if held_out is None or not main:
+            done["eval"] = step
             return
         with _isolated_rng():
             last_eval = evaluate(
@@ -529,13 +691,19 @@ def train(
             )
 
     def do_checkpoint(epoch_batch: tuple[int, int]) -> None:
+        # Every rank's RNG states go to rank 0, which writes; the others wait at the barrier.
+        rngs = gather_object(ctx, capture_rng_state())
+        done["checkpoint"] = step
+        if not main:
+            barrier(ctx)
+            return
         training_state = {
             "step": step,
             "epoch": epoch_batch[0],
             "batch_index": epoch_batch[1],
             "optimizer_g": opt_g.state_dict(),
             "optimizer_d": opt_d.state_dict(),
-            "rng": capture_rng_state(),
+            "rng": rngs[0],
         }
         state = {
             "step": step,
@@ -547,6 +715,9 @@ def train(
             "eval": last_eval,
             "saved_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         }
+        if ctx.distributed:  # the data position counts global batches of this world size
+            training_state["world_size"] = state["world_size"] = ctx.world_size
+            training_state["rng_per_rank"] = rngs
         path = save_checkpoint(
             checkpoints_dir,
             step,
@@ -557,7 +728,7 @@ def train(
             keep=config.keep_checkpoints,
         )
         paths["checkpoint"] = str(path)
-        done["checkpoint"] = step
+        barrier(ctx)
 
     iteration_start = position()
     try:
@@ -568,6 +739,9 @@ def train(
                 batch = _to_spectrograms(stream.next(), device, image_size, label_space)
                 d_losses = stepper.values(stepper.d_step(batch))
             g_losses = stepper.values(stepper.g_step(batch))
+            if ctx.distributed:
+                _average_buffers(ctx, generator)
+                _average_buffers(ctx, discriminator)
             if device.type == "cuda":
                 torch.cuda.synchronize(device)
             seconds = time.perf_counter() - tick
@@ -581,14 +755,19 @@ def train(
                 config.max_minutes is not None
                 and time.monotonic() - start_time > 60 * config.max_minutes
             )
-            reporter.update(step, losses, seconds, config.batch_size * config.n_critic)
+            if ctx.distributed and config.max_minutes is not None:  # all ranks stop together
+                time_up = bool(all_reduce_mean(ctx, float(time_up)) > 0)
+            reporter.update(step, losses, seconds, global_batch * config.n_critic)
             if step % config.log_every == 0 or step == config.steps or time_up:
+                if ctx.distributed:  # the mean over the ranks (every rank reaches this line)
+                    means = all_reduce_mean(ctx, torch.tensor(list(losses.values())))
+                    losses = dict(zip(losses, means.tolist()))
                 rate = window_steps / window_seconds
                 row = {
                     **losses,
                     "seconds_per_step": window_seconds / window_steps,
                     "steps_per_s": rate,
-                    "samples_per_s": rate * config.batch_size * config.n_critic,
+                    "samples_per_s": rate * global_batch * config.n_critic,
                     "elapsed_s": time.monotonic() - start_time,
                 }
                 log.write({"step": step, **row})
@@ -606,6 +785,11 @@ def train(
                 break
         final_position = position()
     except KeyboardInterrupt:
+        if ctx.distributed:  # the ranks may stand at different points: no common checkpoint
+            log.close()
+            eval_log.close()
+            scalars.close()
+            raise
         # The interrupted iteration may have updated D already; the checkpoint keeps those
         # weights but records the data position at that iteration's start.
         stopped = "interrupted"
@@ -635,17 +819,23 @@ def train(
         log.close()
         eval_log.close()
         scalars.close()
+    # Samples over the slowest rank's training time, and each rank's own rate.
+    throughput: dict[str, Any] = {"samples_per_s": None, "per_rank_samples_per_s": None}
+    if train_seconds > 0:
+        throughput = reduce_throughput(
+            ctx, steps_this_run * config.batch_size * config.n_critic, train_seconds
+        )
+    barrier(ctx)  # rank 0's final sample, evaluation and checkpoint are done
     return {
         "run_dir": str(run_dir),
         "device": str(device),
+        "world_size": ctx.world_size,
+        "global_batch_size": global_batch,
         "steps": step,
         "steps_this_run": steps_this_run,
         "seconds_per_step": train_seconds / steps_this_run if steps_this_run else None,
-        "samples_per_s": (
-            steps_this_run * config.batch_size * config.n_critic / train_seconds
-            if train_seconds > 0
-            else None
-        ),
+        "samples_per_s": throughput["samples_per_s"],
+        "per_rank_samples_per_s": throughput["per_rank_samples_per_s"],
         "wall_seconds": time.monotonic() - start_time,
         **_peak_memory(device),
         "losses": losses,

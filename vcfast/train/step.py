@@ -177,6 +177,10 @@ class Stepper:
         returns its loss terms (detached scalar tensors; ``g_loss`` without the identity term
         unless ``official``: :meth:`values` adds it)."""
         w, G, D = self.weights, self.generator, self.discriminator
+        # D is frozen here, so under DistributedDataParallel its wrapper (which has no
+        # features()/heads attributes) has nothing to all-reduce: call the module inside it.
+        if isinstance(D, torch.nn.parallel.DistributedDataParallel):
+            D = D.module
         x_real = batch.x_real
         self.opt_g.zero_grad(set_to_none=True)
         D.requires_grad_(False)
