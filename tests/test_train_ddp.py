@@ -193,3 +193,35 @@ def test_a_failing_rank_ends_the_job_with_its_error(tmp_path, runs):
     assert caught.value.rank == 1
     assert "injected failure on rank 1" in str(caught.value)
     assert time.monotonic() - start < 60
+
+
+def test_vcfast_train_under_torchrun_variables(runs, tmp_path):
+    """``python -m vcfast train`` in 2 processes with torchrun's variables (what torchrun
+    sets): rank 0 alone prints the report, with the global batch and the throughput."""
+    import os
+    import subprocess
+    import sys
+
+    from vcfast.train.distributed import free_port
+
+    port = str(free_port())
+    command = [sys.executable, "-m", "vcfast", "train", "--data", runs["corpus"],
+               "--out", str(tmp_path / "run"), "--size", "tiny", "--steps", "2",
+               "--batch-size", "2", "--n-critic", "1", "--device", "cpu",
+               "--held-out-per-speaker", "0", "--sample-every", "100", "--eval-every", "100",
+               "--checkpoint-every", "100", "--no-progress"]
+    procs = []
+    for rank in range(2):
+        env = {**os.environ, "RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": "2",
+               "LOCAL_WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": port,
+               "OMP_NUM_THREADS": "1"}
+        procs.append(subprocess.Popen(command, env=env, stdout=subprocess.PIPE,
+                                      stderr=subprocess.PIPE, text=True))
+    outputs = [proc.communicate(timeout=120) for proc in procs]
+    assert [proc.returncode for proc in procs] == [0, 0], outputs
+    out0, out1 = outputs[0][0], outputs[1][0]
+    assert "batch 2 per process x 2 processes = 4" in out0
+    assert "samples/s on 2 processes (global batch 4); per process:" in out0
+    assert '"world_size": 2' in out0 and '"per_rank_samples_per_s"' in out0
+    assert out1 == ""
+    assert (tmp_path / "run" / "checkpoints" / "step_00000002").is_dir()
