@@ -563,6 +563,8 @@ def train(
         per_rank = saved.get("rng_per_rank") or [saved["rng"]]
         restore_rng_state(per_rank[ctx.rank % len(per_rank)])
         step = int(saved["step"])
+        if ctx.distributed and len(per_rank) != ctx.world_size:  # fresh streams, per rank
+            torch.manual_seed(_mixed_seed(_TAG_RANK, config.seed, ctx.rank, step))
         epoch, batch_index, note = _resume_position(saved, ctx, config)
         if note is not None and main:
             print(note, file=sys.stderr, flush=True)
