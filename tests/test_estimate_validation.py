@@ -1,7 +1,7 @@
 """The iteration estimator against the same iteration on real CPU tensors, exactly, on any CPU.
 
 vcfast/estimate.py sizes a training iteration by running it on the meta device under the
-live-bytes tracker of vcfast/memory.py, which counts the storages aten ops allocate through
+live-bytes tracker of vcfast/tracking.py, which counts the storages aten ops allocate through
 the dispatcher. These tests run the very same iteration (reduced size: conv_dim 16, 64x64
 spectrograms, a 16-class label space, one D step + one G step, batch 2, fp32) on real CPU
 tensors under the same tracker and require, byte for byte:

@@ -1,5 +1,6 @@
-"""vcfast/memory.py: exact live-storage accounting (meta == CPU), the convolution-call records
-and scratch models, and the fresh-process memory measurement."""
+"""vcfast/tracking.py (re-exported by vcfast.memory): exact live-storage accounting
+(meta == CPU), the convolution-call records and scratch models, and the fresh-process memory
+measurement."""
 
 import sys
 

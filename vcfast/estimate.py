@@ -68,7 +68,7 @@ import torch.nn.functional as F
 from torch.overrides import TorchFunctionMode
 from torch.utils._pytree import tree_map
 
-from vcfast import memory as _memory
+from vcfast import tracking as _memory
 from vcfast.labels import LabelSpace
 
 __all__ = ["TrainingIteration", "build_iteration", "calibrate_conv_scratch", "estimate_iteration",

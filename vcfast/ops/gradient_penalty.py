@@ -40,7 +40,7 @@ Under ``torch.compile`` the same forward and tangent pass run as the torch.libra
 ``vcfast::lean_gradient_penalty`` (opaque forward, registered backward), so a whole D loss
 compiles with ``fullgraph=True``; the compiled backward returns every weight gradient at
 once. Eager mode runs the passes in plain ``torch.autograd.Function`` nodes, so that the
-live-bytes tracker of vcfast/memory.py sees every tensor they allocate.
+live-bytes tracker of vcfast/tracking.py sees every tensor they allocate.
 
 Use :func:`gradient_penalty`; ``mode="autograd"`` is the reference (official StarGAN).
 """
