@@ -140,3 +140,19 @@ def test_memory_command_options(capsys):
     assert main(["memory", "--batch", "2", "--image-size", "64", "--n-critic", "1", "--fits", "",
                  "--autocast", "bf16"]) == 0
     assert "bf16 autocast" in capsys.readouterr().out
+
+
+def test_ddp_adds_one_gradient_sized_bucket_set_per_rank():
+    """One rank of a DDP run: the reducer's buckets hold as many bytes as the gradients of G's
+    and D's trainable parameters, for the whole run, so every figure grows by exactly that."""
+    from vcfast.estimate import build_iteration
+
+    plain = estimate_iteration(2, implementation="vcfast", **SMALL)
+    ddp = estimate_iteration(2, implementation="vcfast", ddp=True, **SMALL)
+    iteration = build_iteration(2, implementation="vcfast", **SMALL)
+    buckets = sum(p.numel() * p.element_size() for net in (iteration.G, iteration.D)
+                  for p in net.parameters() if p.requires_grad)
+    assert buckets > 0 and ddp["ddp_bucket_bytes"] == buckets and plain["ddp_bucket_bytes"] == 0
+    assert ddp["peak_bytes"] == plain["peak_bytes"] + buckets
+    assert ddp["baseline_bytes"] == plain["baseline_bytes"] + buckets
+    assert ddp["phases"] == {k: v + buckets for k, v in plain["phases"].items()}

@@ -412,7 +412,7 @@ def cmd_memory(args: argparse.Namespace) -> int:
 
     gib = 2**30
     options = {impl: dict(dtype=args.dtype, image_size=args.image_size, n_critic=args.n_critic,
-                          autocast=args.autocast,
+                          autocast=args.autocast, ddp=args.ddp,
                           checkpoint_residual_blocks=args.checkpoint and impl == "vcfast")
                for impl in ("reference", "vcfast")}
     notes = []
@@ -420,6 +420,9 @@ def cmd_memory(args: argparse.Namespace) -> int:
         notes.append(f"{args.autocast} autocast (fp32 weights, gradients and optimizer state)")
     if args.checkpoint:
         notes.append("vcfast with residual-block checkpointing")
+    if args.ddp:
+        notes.append("per rank of a DistributedDataParallel run (batch per rank; DDP's gradient "
+                     "buckets counted)")
     print(f"one training iteration ({args.n_critic} D steps with gradient penalty + 1 G step), "
           f"paper-size StarGAN, batch {args.batch}, {args.dtype}, "
           f"1x{args.image_size}x{args.image_size}"
@@ -523,6 +526,9 @@ def build_parser() -> argparse.ArgumentParser:
                           "(activation checkpointing)")
     mem.add_argument("--autocast", choices=["bf16"], default=None,
                      help="bf16 autocast: fp32 weights, bf16 activations (with --dtype fp32)")
+    mem.add_argument("--ddp", action="store_true",
+                     help="one rank of a torchrun/DDP run: --batch is per rank, DDP's gradient "
+                          "buckets are added")
     mem.add_argument("--fits", default="6,8,12,24",
                      help="GiB budgets for the largest-batch table ('' to skip; default 6,8,12,24)")
     mem.set_defaults(func=cmd_memory)

@@ -370,7 +370,7 @@ def estimate_iteration(batch: int = 16, *, implementation: str = "vcfast", dtype
                        checkpoint_residual_blocks: bool = False, autocast: str | None = None,
                        workspace: str | Callable[..., int] | None = None,
                        optimizer: str = "rmsprop", size: str | None = None,
-                       weights=None) -> dict:
+                       weights=None, ddp: bool = False) -> dict:
     """Peak bytes of one training iteration, overall and per phase.
 
     ``autocast="bf16"``: fp32 weights, bf16 autocast (run on fake CPU tensors, see the module
@@ -381,7 +381,11 @@ def estimate_iteration(batch: int = 16, *, implementation: str = "vcfast", dtype
     callable: any ``scratch`` model of :class:`vcfast.memory.LiveBytesTracker`, e.g. the
     convolution scratch measured on this machine by :func:`calibrate_conv_scratch`.
     ``optimizer``, ``size``, ``weights``: as for :func:`build_iteration` (the trainer's
-    optimizer, model size and loss weights).
+    optimizer, model size and loss weights). ``ddp``: the figures of one rank of a
+    DistributedDataParallel run (``batch`` is per rank): DDP's reducer keeps, for its whole
+    life, bucket buffers as large as the gradients of the parameters it all-reduces (G's and
+    D's; ``gradient_as_bucket_view`` is off, PyTorch's default and the trainer's), so every
+    figure grows by those bytes (``ddp_bucket_bytes``).
 
     The iteration is ``vcfast train``'s: the steps are :class:`vcfast.train.step.Stepper`'s
     (each frees its network's gradient buffers first, D is frozen in the G step, the losses
@@ -404,6 +408,8 @@ def estimate_iteration(batch: int = 16, *, implementation: str = "vcfast", dtype
         iteration.run(tracker)
     if size is not None:
         image_size = iteration.x_real.shape[-1]
+    buckets = (sum(p.numel() * p.element_size() for net in (iteration.G, iteration.D)
+                   for p in net.parameters() if p.requires_grad) if ddp else 0)
     return {
         "implementation": implementation, "batch": batch, "dtype": dtype, "image_size": image_size,
         "conv_dim": conv_dim, "n_critic": n_critic, "autocast": autocast,
@@ -411,9 +417,10 @@ def estimate_iteration(batch: int = 16, *, implementation: str = "vcfast", dtype
         "checkpoint_residual_blocks": bool(checkpoint_residual_blocks),
         "workspace": (workspace if workspace is None or isinstance(workspace, str)
                       else type(workspace).__name__),
-        "peak_bytes": tracker.peak_bytes, "baseline_bytes": baseline,
+        "peak_bytes": tracker.peak_bytes + buckets, "baseline_bytes": baseline + buckets,
         "peak_allocated_bytes": tracker.peak_allocated_bytes,
-        "phases": dict(tracker.phase_peaks),
+        "phases": {name: peak + buckets for name, peak in tracker.phase_peaks.items()},
+        "ddp": bool(ddp), "ddp_bucket_bytes": buckets,
     }
 
 
