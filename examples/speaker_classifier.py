@@ -30,34 +30,10 @@ import time
 from pathlib import Path
 
 import torch
-import torch.nn as nn
 
 import vcfast
 import vcfast.data
-
-
-def conv_bn_lrelu(c_in: int, c_out: int, k: int, s: int, p: int) -> nn.Sequential:
-    return nn.Sequential(
-        nn.Conv2d(c_in, c_out, k, s, p), nn.BatchNorm2d(c_out), nn.LeakyReLU(0.2)
-    )
-
-
-class MultiHeadClassifier(nn.Module):
-    """Six conv-BN-LeakyReLU layers, then one pooled conv head per label group."""
-
-    def __init__(self, group_sizes: list[int], width: int = 64):
-        super().__init__()
-        chans = [width, width, 2 * width, 4 * width, 8 * width, 16 * width]
-        layers = [conv_bn_lrelu(1, chans[0], 3, 1, 1)]
-        for c_in, c_out in zip(chans[:-1], chans[1:]):
-            layers.append(conv_bn_lrelu(c_in, c_out, 4, 2, 1))
-        self.trunk = nn.Sequential(*layers)
-        self.heads = nn.ModuleList(nn.Conv2d(chans[-1], n, 3, 1, 1) for n in group_sizes)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h = self.trunk(x)
-        # [N, sum(groups)]: the groups' logits side by side, the layout vcfast's losses expect.
-        return torch.cat([head(h).mean(dim=(2, 3)) for head in self.heads], dim=1)
+from vcfast.judge import MultiHeadClassifier  # docs/training.md#judging-conversion
 
 
 def synthetic_batches(args, gen: torch.Generator, groups: list[int]):

@@ -3,6 +3,7 @@
     vcfast demo [--out DIR] [--minutes M]       the main job: train on the bundled corpus, convert
     vcfast train --data DIR --out RUN [...]     train StarGAN-VC on a corpus (folders or VCTK)
     vcfast convert --ckpt RUN --input IN.wav --speaker ID --out OUT.wav [--sex S] [--label G=V]
+    vcfast evaluate --ckpt RUN [--judge FILE] [--judge-steps N] [--json FILE]  judge conversion
     vcfast roundtrip IN.wav OUT.wav             wave -> log-spectrogram -> Griffin-Lim -> wave
     vcfast memory --batch 16                    memory of one StarGAN-VC training iteration
     vcfast info [--kernels]                     which kernels were built and can run here
@@ -146,6 +147,73 @@ def cmd_convert(args: argparse.Namespace) -> int:
           f"{info['windows']} window(s) -> {shown} -> {out} (16 kHz); Griffin-Lim x{args.n_iter} "
           f"spectral convergence {info['spectral_convergence']:.3f}; {info['seconds']:.1f} s on "
           f"{device} (checkpoint step {meta.get('step', '?')})")
+    return 0
+
+
+#: Judge training steps of ``vcfast evaluate`` (docs/training.md#judging-conversion).
+JUDGE_STEPS = 300
+
+
+def _run_dir_of(ckpt: Path, checkpoint_dir: Path) -> Path:
+    """The run directory of ``--ckpt`` (a run dir, or one of its checkpoints/step_* dirs)."""
+    for candidate in (ckpt, checkpoint_dir.parent.parent):
+        if (candidate / "config.json").is_file() or (candidate / "corpus.json").is_file():
+            return candidate
+    return ckpt if ckpt.is_dir() and not (ckpt / "state.json").is_file() else checkpoint_dir
+
+
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    """``vcfast evaluate``: judge a run's conversions with a separately trained speaker
+    classifier (vcfast.judge); trains the judge unless ``--judge FILE`` is given."""
+    from vcfast.data import demo_corpus_dir, load_corpus
+    from vcfast.judge import Judge, format_judge_table, judge_conversion, train_judge
+    from vcfast.train import TrainConfig, load_generator
+    from vcfast.train.checkpoint import resolve_checkpoint, write_atomically
+    from vcfast.train.loop import resolve_device
+
+    device = resolve_device(args.device)
+    ckpt = Path(args.ckpt)
+    if not ckpt.exists():
+        raise FileNotFoundError(f"--ckpt {str(ckpt)!r} does not exist (give a run directory "
+                                "written by `vcfast train`)")
+    checkpoint_dir = resolve_checkpoint(ckpt)
+    run_dir = _run_dir_of(ckpt, checkpoint_dir)
+    generator, label_space, meta = load_generator(checkpoint_dir, map_location=device)
+    config = TrainConfig.from_dict(meta["config"])
+    data = args.data
+    if data is None and (run_dir / "corpus.json").is_file():
+        data = json.loads((run_dir / "corpus.json").read_text()).get("root")
+    corpus = load_corpus(data if data is not None else demo_corpus_dir())
+    if corpus.label_space != label_space:
+        raise ValueError(f"the corpus {corpus.root} does not have the checkpoint's label space "
+                         "(give the run's corpus with --data)")
+    split = {"held_out_per_speaker": config.held_out_per_speaker, "seed": config.seed}
+    start = time.perf_counter()
+    if args.judge:
+        judge = Judge.load(args.judge, map_location=device)
+        judge_file = Path(args.judge)
+        if judge.label_space != label_space:
+            raise ValueError(f"--judge {args.judge!r} was trained on another label space")
+    else:
+        steps = args.judge_steps if args.judge_steps is not None else JUDGE_STEPS
+        print(f"training the judge: {steps} steps on the real training-split speech of "
+              f"{corpus.root}", flush=True)
+        judge = train_judge(corpus, steps=steps, batch=args.judge_batch, device=device,
+                            image_size=config.model_sizes["image_size"],
+                            width=args.judge_width, **split)
+        judge_file = judge.save(run_dir / "judge.pt")
+    judge_seconds = time.perf_counter() - start
+    scores = judge_conversion(judge, generator, corpus, device=device,
+                              max_utterances=args.max_utterances, **split)
+    print(f"checkpoint {checkpoint_dir} (step {meta.get('step', '?')}); judge {judge_file} "
+          f"({judge.info.get('steps', '?')} steps)")
+    print("\n".join(format_judge_table(scores)))
+    if args.json:
+        result = {"checkpoint": str(checkpoint_dir), "step": meta.get("step"),
+                  "judge_file": str(judge_file), "judge_info": judge.info,
+                  "judge_seconds": round(judge_seconds, 2),
+                  "total_seconds": round(time.perf_counter() - start, 2), **scores}
+        write_atomically(Path(args.json), json.dumps(result, indent=2, default=str))
     return 0
 
 
@@ -515,6 +583,25 @@ def build_parser() -> argparse.ArgumentParser:
                          help="InstanceNorm statistics at conversion: each window's own (default, "
                               "as in training) or the running averages (eval mode)")
     convert.set_defaults(func=cmd_convert)
+    ev = sub.add_parser("evaluate", help="judge a run's conversions with a separately "
+                                         "trained speaker classifier")
+    ev.add_argument("--ckpt", required=True, help="run folder of `vcfast train` (its latest "
+                    "checkpoint) or a checkpoints/step_XXXXXXXX folder")
+    ev.add_argument("--judge", metavar="FILE", default=None,
+                    help="a judge saved by an earlier `vcfast evaluate` (default: train one and "
+                         "save it as RUN/judge.pt)")
+    ev.add_argument("--judge-steps", type=int, default=None,
+                    help=f"judge training steps (default {JUDGE_STEPS})")
+    ev.add_argument("--judge-batch", type=int, default=8, help="judge batch size (default 8)")
+    ev.add_argument("--judge-width", type=int, default=16,
+                    help="channels of the judge's first conv (default 16)")
+    ev.add_argument("--max-utterances", type=int, default=None,
+                    help="at most this many held-out utterances (default: all)")
+    ev.add_argument("--data", default=None,
+                    help="corpus folder (default: the run's corpus.json, else the demo corpus)")
+    ev.add_argument("--device", default="auto", help="auto (default), cpu, cuda, ...")
+    ev.add_argument("--json", metavar="FILE", default=None, help="also write the figures as JSON")
+    ev.set_defaults(func=cmd_evaluate)
     mem = sub.add_parser("memory",
                          help="memory of one StarGAN-VC training iteration, official vs vcfast")
     mem.add_argument("--batch", type=int, default=16)
