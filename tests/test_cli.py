@@ -158,12 +158,16 @@ def test_demo_tiny_budget_writes_wavs_png_and_report(tmp_path, capsys):
     assert report["model"]["generator_params"] > 0 and report["model"]["discriminator_params"] > 0
     assert report["training"]["steps_done"] == 1
     phases = [row["phase"] for row in report["phases"]]
-    assert phases == ["load corpus", "train", "convert", "round trip"]
+    assert phases == ["load corpus", "train", "convert", "round trip", "judge"]
     assert all(row["seconds"] >= 0 and row["peak_rss_mib"] > 0 for row in report["phases"])
     conversion = report["conversion"]
     assert conversion["source_labels"]["speaker"] != conversion["target_labels"]["speaker"]
     assert 0 < conversion["spectral_convergence"] < 1 and conversion["windows"] >= 1
     assert set(report["evaluation"]) >= {"accuracy_real", "accuracy_converted"}
+    # The independent judge's figures (docs/training.md#judging-conversion).
+    judge = report["judge"]
+    assert 0 <= judge["target_speaker_share"] <= 1 and 0 <= judge["spectral_distance"] <= 1
+    assert judge["judge_info"]["steps"] > 0 and judge["n_conversions"] > 0
 
     converted, sr = sf.read(out / "converted.wav")
     source, source_sr = sf.read(out / "source.wav")
@@ -174,6 +178,7 @@ def test_demo_tiny_budget_writes_wavs_png_and_report(tmp_path, capsys):
         assert path is None or (tmp_path / path).exists(), key
     markdown = (out / "report.md").read_text()
     assert "converted.wav" in markdown and "spectral convergence" in markdown
+    assert "judge on real held-out" in markdown
     assert not [p for p in out.iterdir() if p.name.startswith(".")]  # no temp files left
     assert "converted.wav" in capsys.readouterr().out
 
