@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import functools
 import os
-import platform
 import subprocess
 import sys
 
@@ -15,18 +14,9 @@ import pytest
 import torch
 
 from vcfast.memory import measure_process_peak
+from vcfast.selftest import cpu_model
 
 BENCH_THREADS = int(os.environ.get("VCFAST_BENCH_THREADS", "2"))
-
-
-def cpu_model() -> str:
-    """/proc/cpuinfo's "model name" (else what the platform module knows)."""
-    try:
-        with open("/proc/cpuinfo") as f:
-            return next(line.split(":", 1)[1].strip() for line in f
-                        if line.startswith("model name"))
-    except (OSError, StopIteration):
-        return platform.processor() or platform.machine()
 
 
 @functools.cache

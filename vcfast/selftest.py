@@ -27,6 +27,7 @@ import contextlib
 import copy
 import ctypes
 import dataclasses
+import importlib
 import json
 import math
 import os
@@ -93,7 +94,9 @@ def bf16_tolerance(base: float, reference_error: float | None) -> float:
 # Conditions
 
 
-def _cpu_model() -> str:
+def cpu_model() -> str:
+    """/proc/cpuinfo's "model name" (else what the platform module knows); the benchmarks
+    print it too (bench/conftest.py)."""
     try:
         with open("/proc/cpuinfo") as f:
             return next(line.split(":", 1)[1].strip() for line in f
@@ -122,7 +125,7 @@ def conditions(device: torch.device) -> dict:
         "triton": _triton_version(),
         "triton_interpret": os.environ.get("TRITON_INTERPRET", "0") == "1",
         "device": str(device),
-        "cpu_model": _cpu_model(),
+        "cpu_model": cpu_model(),
         "cpu_cores": os.cpu_count(),
         "cpu_capability": torch.backends.cpu.get_cpu_capability(),
         "threads": torch.get_num_threads(),
@@ -382,16 +385,24 @@ def _label_table_setup(s: Setting) -> dict:
             "grad": s.randn(batch, o, side, side, gen=gen)}
 
 
-def _label_table_impl(backend: str):
-    from vcfast.ops import label_conv
-
+def _layer_kernels(backend: str, names: tuple[str, ...], *, reference: str,
+                   triton: str) -> tuple:
+    """For each op in ``names``: the registered C++ op (``cpu``), the Triton launcher
+    ``<name>_triton`` of ``vcfast.ops.<triton>`` (``triton``), or the plain-PyTorch
+    ``<name>_reference`` of ``vcfast.ops.<reference>`` (``reference``). Imported when asked
+    for: the Triton kernels decorate at their first import."""
     if backend == "cpu":
-        return torch.ops.vcfast.label_table_add
+        return tuple(getattr(torch.ops.vcfast, name) for name in names)
     if backend == "triton":
-        from vcfast.ops.label_conv_triton import label_table_add_triton
+        module = importlib.import_module(f"vcfast.ops.{triton}")
+        return tuple(getattr(module, f"{name}_triton") for name in names)
+    module = importlib.import_module(f"vcfast.ops.{reference}")
+    return tuple(getattr(module, f"{name}_reference") for name in names)
 
-        return label_table_add_triton
-    return label_conv.label_table_add_reference
+
+def _label_table_impl(backend: str):
+    return _layer_kernels(backend, ("label_table_add",), reference="label_conv",
+                          triton="label_conv_triton")[0]
 
 
 def _label_table_run(backend: str, inputs: dict) -> tuple[Outputs, Outputs]:
@@ -461,19 +472,12 @@ def _norm_setup(s: Setting) -> dict:
 
 
 def _norm_impls(backend: str):
-    from vcfast.ops import norm_act
-
-    if backend == "cpu":
-        ops = torch.ops.vcfast
-        return ops.instance_norm_stats, ops.norm_relu_forward, ops.norm_relu_backward
-    if backend == "triton":
-        from vcfast.ops.norm_act_triton import norm_relu_backward_triton, norm_relu_forward_triton
-
-        # No Triton statistics kernel: on CUDA the lean unit takes them from PyTorch too.
-        return (norm_act.instance_norm_stats_reference, norm_relu_forward_triton,
-                norm_relu_backward_triton)
-    return (norm_act.instance_norm_stats_reference, norm_act.norm_relu_forward_reference,
-            norm_act.norm_relu_backward_reference)
+    # No Triton statistics kernel: on CUDA the lean unit takes them from PyTorch too.
+    (stats,) = _layer_kernels("reference" if backend == "triton" else backend,
+                              ("instance_norm_stats",), reference="norm_act",
+                              triton="norm_act_triton")
+    return (stats, *_layer_kernels(backend, ("norm_relu_forward", "norm_relu_backward"),
+                                   reference="norm_act", triton="norm_act_triton"))
 
 
 def _norm_run(backend: str, inputs: dict) -> tuple[Outputs, Outputs]:
@@ -515,18 +519,8 @@ def _bits_setup(s: Setting) -> dict:
 
 
 def _bits_impls(backend: str):
-    from vcfast.ops import slope_bits
-
-    if backend == "cpu":
-        return torch.ops.vcfast.leaky_relu_with_bits, torch.ops.vcfast.scale_by_slope_bits
-    if backend == "triton":
-        from vcfast.ops.gradient_penalty_triton import (
-            leaky_relu_with_bits_triton,
-            scale_by_slope_bits_triton,
-        )
-
-        return leaky_relu_with_bits_triton, scale_by_slope_bits_triton
-    return slope_bits.leaky_relu_with_bits_reference, slope_bits.scale_by_slope_bits_reference
+    return _layer_kernels(backend, ("leaky_relu_with_bits", "scale_by_slope_bits"),
+                          reference="slope_bits", triton="gradient_penalty_triton")
 
 
 def _bits_run(backend: str, inputs: dict) -> tuple[Outputs, Outputs]:
@@ -552,15 +546,8 @@ def _penalty_setup(s: Setting) -> dict:
 
 
 def _penalty_impl(backend: str):
-    from vcfast.ops import slope_bits
-
-    if backend == "cpu":
-        return torch.ops.vcfast.penalty_terms
-    if backend == "triton":
-        from vcfast.ops.gradient_penalty_triton import penalty_terms_triton
-
-        return penalty_terms_triton
-    return slope_bits.penalty_terms_reference
+    return _layer_kernels(backend, ("penalty_terms",), reference="slope_bits",
+                          triton="gradient_penalty_triton")[0]
 
 
 def _penalty_run(backend: str, inputs: dict) -> tuple[Outputs, Outputs]:
