@@ -365,13 +365,6 @@ class _NoLog:
         pass
 
 
-def _unwrap(model: torch.nn.Module) -> torch.nn.Module:
-    """The model inside a DistributedDataParallel wrapper (the model itself otherwise)."""
-    if isinstance(model, torch.nn.parallel.DistributedDataParallel):
-        return model.module
-    return model
-
-
 def _average_buffers(ctx: DistributedContext, model: torch.nn.Module) -> None:
     """Set the floating buffers (G's instance-norm running statistics) to their mean over the
     ranks. Each rank updates them from its own samples; these updates are linear in the
