@@ -8,9 +8,9 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
+from vcfast.ops._classification_common import group_sizes
 from vcfast.ops.classification import (
     REDUCTIONS,
-    _group_sizes,
     masked_multigroup_bce,
     masked_multigroup_softmax_ce,
 )
@@ -21,7 +21,7 @@ def _sizes(module: str, groups) -> tuple[int, ...]:
     if not isinstance(sizes, (list, tuple)):
         raise TypeError(f"{module}: `groups` must be a list/tuple of group sizes, got "
                         f"{type(sizes).__name__}")
-    return _group_sizes(module, sizes, sum(s for s in sizes if isinstance(s, int)))
+    return group_sizes(module, sizes, sum(s for s in sizes if isinstance(s, int)))
 
 
 def _check_reduction(module: str, reduction: str) -> str:

@@ -52,7 +52,6 @@ from vcfast.ops._classification_common import (
     STATUS_TWO_POSITIVES,
     STATUS_UNKNOWN,
     check_args,
-    group_sizes,
     loss_dtype,
     reduce,
 )
@@ -68,9 +67,6 @@ __all__ = [
 
 # ---------------------------------------------------------------------------------------------
 # Validation (cheap: no pass over the data; the target values are checked by the kernels)
-
-
-_group_sizes = group_sizes  # the name vcfast.nn.classification imports
 
 
 def _reduction_code(op: str, reduction: str) -> int:
