@@ -59,6 +59,11 @@ include_dirs = [os.path.join(root, "csrc", "include"), os.path.join(root, "csrc"
 # No errno or FP-trap semantics are needed; without these GCC will not vectorise sqrt and
 # the guarded divisions of the per-bin loops. torch adds the C++ standard it needs (C++20).
 cxx_flags = ["-O3", "-fno-math-errno", "-fno-trapping-math"]
+# Link the shared libstdc++ by name: a toolchain whose g++ finds only libstdc++.a (seen on
+# the first GPU machine: a /opt/gcc wrapper) otherwise copies libstdc++ into vcfast._C, and
+# that second copy's uninitialised locale crashes (SIGSEGV) on the first number a failing
+# check formats into its error message. scripts/unwind_probe/ reproduces it.
+link_flags = ["-l:libstdc++.so.6"] if sys.platform.startswith("linux") else []
 sources = (["csrc/ops.cpp"] + sorted(glob.glob("csrc/checks/*.cpp"))
            + sorted(glob.glob("csrc/cpu/*.cpp")))
 
@@ -76,12 +81,14 @@ if reason is None:
         include_dirs=include_dirs,
         define_macros=[("VCFAST_WITH_CUDA", "1")],
         extra_compile_args={"cxx": cxx_flags, "nvcc": ["-O3", "-lineinfo"]},
+        extra_link_args=link_flags,
     )
     print(f"vcfast: building C++ and CUDA kernels (CUDA {torch.version.cuda}, "
           f"toolkit {cpp_extension.CUDA_HOME}, arch {os.environ['TORCH_CUDA_ARCH_LIST']})")
 else:
     extension = cpp_extension.CppExtension(
-        "vcfast._C", sources, include_dirs=include_dirs, extra_compile_args={"cxx": cxx_flags}
+        "vcfast._C", sources, include_dirs=include_dirs, extra_compile_args={"cxx": cxx_flags},
+        extra_link_args=link_flags,
     )
     print(f"vcfast: building CPU-only extension: CUDA kernels skipped because {reason}")
 

@@ -11,8 +11,10 @@ CPU's CET flags, the libraries it links, and whether the case passes with the gl
 that turn shadow stacks and IBT off.
 
 Why: on the first GPU machine (H200, Python 3.12, torch 2.11.0+cu130, extension built there)
-every C++ check that fired killed the process with SIGSEGV, while the same code under torch
-2.11 and 2.14 on the CPU machines raises cleanly. Exit status 0 when every case raised.
+every C++ check that formatted a number into its message killed the process with SIGSEGV.
+Cause (found with scripts/unwind_probe/run.sh): that machine's g++ linked a static copy of
+libstdc++ into vcfast._C; setup.py now links libstdc++.so.6 by name. ``extension_cxx_runtime``
+in the diagnostics says which one a build has. Exit status 0 when every case raised.
 """
 
 from __future__ import annotations
@@ -111,6 +113,7 @@ def diagnostics() -> dict:
         "(no c++)",
         "cpu_cet_flags": flags,
         "extension": so,
+        "extension_cxx_runtime": vcfast.build_info()["extension_cxx_runtime"],
     }
     if so:
         out["extension_gnu_properties"] = _command("readelf", "-n", so)[-1200:]

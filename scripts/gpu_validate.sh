@@ -257,7 +257,7 @@ fi
 # --- the checks, most valuable first -----------------------------------------------------------
 # Errors raised in the C++ kernels must reach Python (on the first GPU machine each one killed
 # the process with SIGSEGV); on failure the step's log holds the diagnostics.
-run_step cpp_errors 90 verdict_line "$PY" scripts/cpp_error_check.py --json "$OUT/cpp_errors.json"
+run_step cpp_errors 180 verdict_line "$PY" scripts/cpp_error_check.py --json "$OUT/cpp_errors.json"
 if [ "$DRY_RUN" = 1 ]; then
   # Tiny CPU forms: the selftest of two cheap ops (the full --quick run takes ~30 s on two
   # cores), a few tests, a tiny memory check; the rest printed.

@@ -9,6 +9,8 @@ from __future__ import annotations
 import importlib
 import importlib.util
 import os
+import struct
+import sys
 import warnings
 
 import torch
@@ -25,6 +27,80 @@ except ImportError as exc:  # the build was skipped, failed, or is for another t
         "vcfast: the compiled extension vcfast._C could not be loaded "
         f"({exc}); the 'cpu' and 'cuda' backends are unavailable, 'reference' (and 'triton' "
         "where Triton runs) remain. Rebuild with: pip install --no-build-isolation -e .",
+        RuntimeWarning,
+        stacklevel=2,
+    )
+
+
+def elf_needed_libraries(path: str) -> list[str] | None:
+    """The DT_NEEDED entries (shared libraries it links) of a 64-bit little-endian ELF file.
+
+    None when ``path`` is not such a file (another OS or architecture, or not a binary).
+    Pure Python so that it works where binutils' ``readelf`` is not installed.
+    """
+    try:
+        with open(path, "rb") as f:
+            data = f.read()
+    except OSError:
+        return None
+    if data[:4] != b"\x7fELF" or data[4] != 2 or data[5] != 1:  # ELFCLASS64, ELFDATA2LSB
+        return None
+    (phoff,) = struct.unpack_from("<Q", data, 0x20)
+    phentsize, phnum = struct.unpack_from("<HH", data, 0x36)
+    loads, dynamic = [], None
+    for i in range(phnum):
+        p_type, _, p_offset, p_vaddr, _, p_filesz = struct.unpack_from(
+            "<IIQQQQ", data, phoff + i * phentsize)
+        if p_type == 1:  # PT_LOAD: maps file offsets to the addresses DT_STRTAB uses
+            loads.append((p_vaddr, p_offset, p_filesz))
+        elif p_type == 2:  # PT_DYNAMIC
+            dynamic = (p_offset, p_filesz)
+    if dynamic is None:
+        return []
+    needed, strtab = [], None
+    for off in range(dynamic[0], dynamic[0] + dynamic[1], 16):
+        tag, value = struct.unpack_from("<qQ", data, off)
+        if tag == 0:  # DT_NULL ends the table
+            break
+        if tag == 1:  # DT_NEEDED: an offset into the string table
+            needed.append(value)
+        elif tag == 5:  # DT_STRTAB: the string table's address
+            strtab = next((value - vaddr + offset for vaddr, offset, size in loads
+                           if vaddr <= value < vaddr + size), None)
+    if strtab is None:
+        return None
+    return [data[strtab + n:data.index(b"\0", strtab + n)].decode() for n in needed]
+
+
+def extension_cxx_runtime() -> str:
+    """How vcfast._C links the C++ runtime: ``"shared"``, ``"static"`` or ``"unknown"``.
+
+    ``"static"`` (no libstdc++/libc++ among the libraries it links) means the compiler copied
+    libstdc++ into the extension: that second copy's locale is never initialised, and the
+    first C++ check that formats a number into its error message crashes the process
+    (SIGSEGV) instead of raising. setup.py links the shared one by name to prevent it.
+    """
+    if not EXTENSION_LOADED or not sys.platform.startswith("linux"):
+        return "unknown"
+    return cxx_runtime_linkage(sys.modules["vcfast._C"].__file__)
+
+
+def cxx_runtime_linkage(path: str) -> str:
+    """``"shared"`` when the ELF shared object at ``path`` links libstdc++/libc++,
+    ``"static"`` when it links neither, ``"unknown"`` when it is not a 64-bit ELF file."""
+    needed = elf_needed_libraries(path)
+    if needed is None:
+        return "unknown"
+    links_runtime = any(n.startswith(("libstdc++.so", "libc++.so")) for n in needed)
+    return "shared" if links_runtime else "static"
+
+
+if extension_cxx_runtime() == "static":
+    warnings.warn(
+        "vcfast: the compiled extension vcfast._C carries its own static copy of libstdc++ "
+        "(the compiler that built it found only libstdc++.a): an error raised by a C++ kernel "
+        "would crash the process instead of raising. Rebuild with this version's setup.py, "
+        "which links the shared libstdc++: pip install --no-build-isolation -e .",
         RuntimeWarning,
         stacklevel=2,
     )
@@ -74,6 +150,7 @@ def build_info() -> dict[str, object]:
         "extension_loaded": EXTENSION_LOADED,
         "extension_error": _load_error,
         "extension_has_cuda": extension_has_cuda(),
+        "extension_cxx_runtime": extension_cxx_runtime(),
         "cuda_available": torch.cuda.is_available(),
         "triton_available": triton_available(),
         "triton_interpret": triton_interpret(),
