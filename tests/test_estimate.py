@@ -156,3 +156,19 @@ def test_ddp_adds_one_gradient_sized_bucket_set_per_rank():
     assert ddp["peak_bytes"] == plain["peak_bytes"] + buckets
     assert ddp["baseline_bytes"] == plain["baseline_bytes"] + buckets
     assert ddp["phases"] == {k: v + buckets for k, v in plain["phases"].items()}
+
+
+def test_memory_command_keeps_headroom_for_workspaces(capsys):
+    """--fits sizes each budget less --headroom: more headroom, never a larger batch."""
+    # Paper-size models at 64x64: 0.93 GiB at batch 1, ~14 MiB more per sample.
+    args = ["memory", "--batch", "1", "--image-size", "64", "--n-critic", "1", "--fits", "1"]
+
+    def vcfast_batch(headroom: str) -> int:
+        assert main([*args, "--headroom", headroom]) == 0
+        row = capsys.readouterr().out.strip().splitlines()[-1]
+        return int(row.split()[-1])
+
+    assert vcfast_batch("0") > 1
+    assert vcfast_batch("0.2") == 0  # 1 GiB / 1.2 is below batch 1's 0.93 GiB
+    with pytest.raises(SystemExit, match="headroom"):
+        main([*args, "--headroom", "-0.5"])
