@@ -42,7 +42,7 @@ from dataclasses import dataclass
 import torch
 
 from vcfast import _extension
-from vcfast.ops._backend import CUDA_FIRST, resolve_backend
+from vcfast.ops._backend import resolve_backend
 
 __all__ = [
     "PRESETS",
@@ -333,7 +333,7 @@ def _pick_backend(backend: str | None, device: torch.device) -> str:
     """The backend of a call (vcfast.ops._backend). CUDA default: cuda, then triton (see the
     module docstring for why); meta tensors default to the registered op, whose fake
     implementation allocates exactly what the fused kernel does, unlike the reference chain."""
-    return resolve_backend("log_spectrogram", backend, device, cuda_order=CUDA_FIRST)
+    return resolve_backend("log_spectrogram", backend, device)
 
 
 def _resolve_nan_policy(nan_policy: str, device: torch.device) -> str:
