@@ -45,7 +45,10 @@ def cpu_isa() -> str:
     caps = [f"{name}={os.environ[name]}"
             for name in ("ATEN_CPU_CAPABILITY", "DNNL_MAX_CPU_ISA", "ONEDNN_MAX_CPU_ISA")
             if os.environ.get(name)]
-    return isa + (f" ({', '.join(caps)})" if caps else "")
+    import vcfast
+
+    ours = f", vcfast C++ kernels {vcfast.cpu_isa() or 'not built'}"
+    return isa + ours + (f" ({', '.join(caps)})" if caps else "")
 
 
 def conditions() -> str:

@@ -10,11 +10,49 @@
 #include "cpu/label_conv_cpu.h"
 #include "cpu/norm_act_cpu.h"
 #include "cpu/spectrogram_cpu.h"
+#include "vcfast/cpu_isa.h"
+
+#include <stdexcept>
 
 // `import vcfast._C` must find a module init function even though the ops are reached
-// through torch.ops.vcfast; the module itself is empty.
+// through torch.ops.vcfast. The module's own functions report and set the instruction-set
+// level of the CPU kernels (csrc/include/vcfast/cpu_isa.h); they are not ops, since they
+// take no tensors and change process state.
+namespace {
+
+PyObject* py_cpu_isa(PyObject*, PyObject*) {
+  return PyUnicode_FromString(vcfast::cpu_isa_name(vcfast::cpu_isa()));
+}
+
+PyObject* py_cpu_isa_supported(PyObject*, PyObject*) {
+  return PyUnicode_FromString(vcfast::cpu_isa_name(vcfast::cpu_isa_supported()));
+}
+
+PyObject* py_set_cpu_isa(PyObject*, PyObject* arg) {
+  if (!PyUnicode_Check(arg)) {
+    PyErr_SetString(PyExc_TypeError, "vcfast.set_cpu_isa: isa must be a str");
+    return nullptr;
+  }
+  try {
+    return PyUnicode_FromString(vcfast::set_cpu_isa(PyUnicode_AsUTF8(arg)).c_str());
+  } catch (const std::invalid_argument& e) {
+    PyErr_SetString(PyExc_ValueError, e.what());
+    return nullptr;
+  }
+}
+
+PyMethodDef kModuleMethods[] = {
+    {"cpu_isa", py_cpu_isa, METH_NOARGS, "The CPU kernels' instruction-set level now."},
+    {"cpu_isa_supported", py_cpu_isa_supported, METH_NOARGS,
+     "The best instruction-set level this CPU executes."},
+    {"set_cpu_isa", py_set_cpu_isa, METH_O,
+     "Set the CPU kernels' level ('auto', 'baseline', 'avx2', 'avx512'); returns the previous."},
+    {nullptr, nullptr, 0, nullptr}};
+
+}  // namespace
+
 extern "C" PyObject* PyInit__C(void) {
-  static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, nullptr};
+  static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, kModuleMethods};
   return PyModule_Create(&module);
 }
 

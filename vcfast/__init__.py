@@ -5,7 +5,7 @@ without the compiled extension; ``vcfast.backends()`` says which kernels can run
 """
 
 from vcfast import data, labels, memory, metrics, models, nn
-from vcfast._extension import backends, build_info
+from vcfast._extension import backends, build_info, cpu_isa, set_cpu_isa
 from vcfast.labels import LabelSpace
 from vcfast.metrics import multigroup_accuracy
 from vcfast.models import convert_stargan
@@ -33,6 +33,8 @@ __all__ = [
     "SpectrogramConfig",
     "backends",
     "build_info",
+    "cpu_isa",
+    "set_cpu_isa",
     "convert_stargan",
     "log_mel_spectrogram",
     "log_spectrogram",

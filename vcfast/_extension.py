@@ -106,6 +106,38 @@ if extension_cxx_runtime() == "static":
     )
 
 
+def cpu_isa() -> str | None:
+    """The instruction-set level the C++ CPU kernels run their hot loops at now:
+    ``"baseline"`` (x86-64 SSE2), ``"avx2"`` (AVX2 + FMA) or ``"avx512"``; None without
+    vcfast._C.
+
+    The best level the CPU executes, capped by ``ATEN_CPU_CAPABILITY`` (forcing PyTorch's AVX2
+    path forces this one too), by ``VCFAST_CPU_ISA`` or by :func:`set_cpu_isa`
+    (docs/architecture.md#cpu-instruction-sets).
+    """
+    return sys.modules["vcfast._C"].cpu_isa() if EXTENSION_LOADED else None
+
+
+def cpu_isa_supported() -> str | None:
+    """The best instruction-set level this CPU executes (None without vcfast._C)."""
+    return sys.modules["vcfast._C"].cpu_isa_supported() if EXTENSION_LOADED else None
+
+
+def set_cpu_isa(isa: str) -> str:
+    """Run the C++ CPU kernels at ``isa`` (``"baseline"``, ``"avx2"``, ``"avx512"``, or
+    ``"auto"`` for the default); returns the previous level, so it can be restored.
+
+    Raises ValueError for an unknown level or one this CPU cannot execute, RuntimeError
+    without vcfast._C. Process-wide: meant for benchmarks and tests of every path.
+    """
+    if not EXTENSION_LOADED:
+        raise RuntimeError(f"vcfast.set_cpu_isa: the compiled extension vcfast._C is not loaded "
+                           f"({_load_error})")
+    if not isinstance(isa, str):
+        raise TypeError(f"vcfast.set_cpu_isa: isa must be a str, got {type(isa).__name__}")
+    return sys.modules["vcfast._C"].set_cpu_isa(isa)
+
+
 def extension_has_cuda() -> bool:
     """True when vcfast._C was compiled with the CUDA kernels."""
     return EXTENSION_LOADED and torch._C._dispatch_has_kernel_for_dispatch_key(
@@ -151,6 +183,8 @@ def build_info() -> dict[str, object]:
         "extension_error": _load_error,
         "extension_has_cuda": extension_has_cuda(),
         "extension_cxx_runtime": extension_cxx_runtime(),
+        "cpu_isa": cpu_isa(),
+        "cpu_isa_supported": cpu_isa_supported(),
         "cuda_available": torch.cuda.is_available(),
         "triton_available": triton_available(),
         "triton_interpret": triton_interpret(),

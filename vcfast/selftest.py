@@ -128,6 +128,7 @@ def conditions(device: torch.device) -> dict:
         "cpu_model": cpu_model(),
         "cpu_cores": os.cpu_count(),
         "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+        "vcfast_cpu_isa": vcfast.cpu_isa(),
         "threads": torch.get_num_threads(),
         # Other processes' load skews the timings (not the errors): a load above the core
         # count means the threads of these ops wait for cores.

@@ -27,6 +27,7 @@
 #include <vector>
 
 #include "vcfast/classification_math.h"
+#include "vcfast/cpu_isa.h"
 #include "classification_cpu.h"
 
 namespace vcfast {
@@ -106,26 +107,13 @@ void atomic_min(std::atomic<int64_t>& target, int64_t candidate) {
 
 // ------------------------------------------------------------------------------- rows
 // Each function below handles every group of one row. They are compiled three times
-// (x86-64-v4 = AVX-512, v3 = AVX2+FMA, baseline; picked once at load time through an ifunc) because the loops are
+// (AVX-512, AVX2+FMA, baseline x86-64; VCFAST_ISA_DISPATCHED in
+// csrc/include/vcfast/cpu_isa.h picks one per row at run time) because the loops are
 // compute-bound: exp and log1p per entry cost more than reading the entry.
 //
 // Pattern: an elementwise loop over a block of at most kBlock entries writes per-entry
 // values into a stack buffer and keeps integer counts (integer reductions vectorise as
 // they are); lane_sum then adds the buffer in kLanes independent lanes.
-
-#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__) && defined(__linux__)
-#define VCFAST_CPU_CLONES __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
-#else
-#define VCFAST_CPU_CLONES
-#endif
-
-// Helpers called from the cloned row functions must be inlined into them: a call would run
-// the helper's own (baseline x86-64) code.
-#if defined(__GNUC__)
-#define VCFAST_ALWAYS_INLINE inline __attribute__((always_inline))
-#else
-#define VCFAST_ALWAYS_INLINE inline
-#endif
 
 constexpr int64_t kBlock = 256;
 
@@ -160,7 +148,7 @@ VCFAST_ALWAYS_INLINE T lane_max(const T* __restrict__ v, int64_t n) {
 // Sigmoid CE forward of one row: s[g] = sum of entry losses of group g, k[g] = valid
 // entries; returns nonzero when a target is not -1, 0 or 1.
 template <typename T, typename TT, bool kPw>
-VCFAST_CPU_CLONES int32_t bce_fwd_row(const T* __restrict__ x, const TT* __restrict__ tg,
+VCFAST_ALWAYS_INLINE int32_t bce_fwd_row_impl(const T* __restrict__ x, const TT* __restrict__ tg,
                                       const T* __restrict__ pw, const int64_t* offsets,
                                       int64_t n_groups, T* __restrict__ s,
                                       int32_t* __restrict__ k) {
@@ -192,10 +180,15 @@ VCFAST_CPU_CLONES int32_t bce_fwd_row(const T* __restrict__ x, const TT* __restr
   }
   return bad;
 }
+VCFAST_ISA_DISPATCHED(int32_t, bce_fwd_row, (typename T, typename TT, bool kPw), (T, TT, kPw),
+                      (const T* __restrict__ x, const TT* __restrict__ tg,
+                       const T* __restrict__ pw, const int64_t* offsets, int64_t n_groups,
+                       T* __restrict__ s, int32_t* __restrict__ k),
+                      (x, tg, pw, offsets, n_groups, s, k))
 
 // Sigmoid CE backward of one row; w[g] is dL/dS[row, g].
 template <typename T, typename TT, bool kPw>
-VCFAST_CPU_CLONES void bce_bwd_row(const T* __restrict__ x, const TT* __restrict__ tg,
+VCFAST_ALWAYS_INLINE void bce_bwd_row_impl(const T* __restrict__ x, const TT* __restrict__ tg,
                                    const T* __restrict__ pw, const int64_t* offsets,
                                    int64_t n_groups, const T* w, T* __restrict__ out) {
   using V = target_cmp_t<TT>;
@@ -210,6 +203,11 @@ VCFAST_CPU_CLONES void bce_bwd_row(const T* __restrict__ x, const TT* __restrict
     }
   }
 }
+VCFAST_ISA_DISPATCHED(void, bce_bwd_row, (typename T, typename TT, bool kPw), (T, TT, kPw),
+                      (const T* __restrict__ x, const TT* __restrict__ tg,
+                       const T* __restrict__ pw, const int64_t* offsets, int64_t n_groups,
+                       const T* w, T* __restrict__ out),
+                      (x, tg, pw, offsets, n_groups, w, out))
 
 // Target statistics and the class logit of one softmax group.
 template <typename T>
@@ -265,7 +263,7 @@ VCFAST_ALWAYS_INLINE T softmax_sum_exp(const T* __restrict__ x, T m, int64_t n, 
 // Softmax CE forward of one row: s[g] = logsumexp - x[class] and k[g] = 1 for a known
 // group, 0 otherwise; status[g] says what is wrong with an invalid group.
 template <typename T, typename TT>
-VCFAST_CPU_CLONES void softmax_fwd_row(const T* __restrict__ x, const TT* __restrict__ tg,
+VCFAST_ALWAYS_INLINE void softmax_fwd_row_impl(const T* __restrict__ x, const TT* __restrict__ tg,
                                        const int64_t* offsets, int64_t n_groups,
                                        T* __restrict__ s, int32_t* __restrict__ k,
                                        int32_t* __restrict__ status) {
@@ -286,11 +284,16 @@ VCFAST_CPU_CLONES void softmax_fwd_row(const T* __restrict__ x, const TT* __rest
     }
   }
 }
+VCFAST_ISA_DISPATCHED(void, softmax_fwd_row, (typename T, typename TT), (T, TT),
+                      (const T* __restrict__ x, const TT* __restrict__ tg, const int64_t* offsets,
+                       int64_t n_groups, T* __restrict__ s, int32_t* __restrict__ k,
+                       int32_t* __restrict__ status),
+                      (x, tg, offsets, n_groups, s, k, status))
 
 // Softmax CE backward of one row: (softmax - onehot) * w[g] on known groups, 0 elsewhere
 // (unknown groups, and invalid ones when the op is called directly with unchecked targets).
 template <typename T, typename TT>
-VCFAST_CPU_CLONES void softmax_bwd_row(const T* __restrict__ x, const TT* __restrict__ tg,
+VCFAST_ALWAYS_INLINE void softmax_bwd_row_impl(const T* __restrict__ x, const TT* __restrict__ tg,
                                        const int64_t* offsets, int64_t n_groups, const T* w,
                                        T* __restrict__ out) {
   using V = target_cmp_t<TT>;
@@ -312,6 +315,10 @@ VCFAST_CPU_CLONES void softmax_bwd_row(const T* __restrict__ x, const TT* __rest
     }
   }
 }
+VCFAST_ISA_DISPATCHED(void, softmax_bwd_row, (typename T, typename TT), (T, TT),
+                      (const T* __restrict__ x, const TT* __restrict__ tg, const int64_t* offsets,
+                       int64_t n_groups, const T* w, T* __restrict__ out),
+                      (x, tg, offsets, n_groups, w, out))
 
 // ------------------------------------------------------------------------ reductions
 

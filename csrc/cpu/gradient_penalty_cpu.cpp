@@ -17,10 +17,124 @@
 #include <cmath>
 #include <tuple>
 
+#include "vcfast/cpu_isa.h"
+
 namespace vcfast {
 namespace {
 
 constexpr int64_t kBytesPerTask = 4096;  // 32 768 elements per parallel task
+
+// The loops of one parallel task, each compiled at three instruction-set levels
+// (csrc/include/vcfast/cpu_isa.h); the ops below call them per task.
+
+// leaky_relu(z) and the packed bits of z > 0 for bytes [byte_begin, byte_end).
+// Two simple passes over the task's elements instead of one loop with a variable trip count
+// per byte: the first (branch-free select) and the second (8 compares per byte, a constant
+// trip count) are loops the compiler vectorises; the task's data stays in L2.
+template <typename T>
+VCFAST_ALWAYS_INLINE void leaky_relu_bits_task_impl(const T* __restrict__ src, T* __restrict__ dst,
+                                                    uint8_t* __restrict__ packed, int64_t n,
+                                                    int64_t byte_begin, int64_t byte_end,
+                                                    at::opmath_type<T> slope) {
+  using Acc = at::opmath_type<T>;
+  const int64_t begin = byte_begin * 8, end = std::min<int64_t>(byte_end * 8, n);
+  for (int64_t e = begin; e < end; ++e) {
+    const Acc v = static_cast<Acc>(src[e]);
+    dst[e] = static_cast<T>(v > Acc(0) ? v : v * slope);
+  }
+  const int64_t full_end = std::min<int64_t>(byte_end, n / 8);
+  for (int64_t byte = byte_begin; byte < full_end; ++byte) {
+    const T* v = src + byte * 8;
+    uint8_t mask = 0;
+    for (int i = 0; i < 8; ++i) {
+      mask |= static_cast<uint8_t>(static_cast<Acc>(v[i]) > Acc(0)) << i;
+    }
+    packed[byte] = mask;
+  }
+  for (int64_t byte = std::max(byte_begin, full_end); byte < byte_end; ++byte) {  // tail
+    uint8_t mask = 0;
+    for (int64_t e = byte * 8; e < n; ++e) {
+      mask |= static_cast<uint8_t>(static_cast<Acc>(src[e]) > Acc(0)) << (e - byte * 8);
+    }
+    packed[byte] = mask;
+  }
+}
+VCFAST_ISA_DISPATCHED(void, leaky_relu_bits_task, (typename T), (T),
+                      (const T* __restrict__ src, T* __restrict__ dst,
+                       uint8_t* __restrict__ packed, int64_t n, int64_t byte_begin,
+                       int64_t byte_end, at::opmath_type<T> slope),
+                      (src, dst, packed, n, byte_begin, byte_end, slope))
+
+// x * (bit ? 1 : slope) for bytes [byte_begin, byte_end): whole bytes with a constant trip
+// count of 8 (vectorisable), then the tail byte.
+template <typename T>
+VCFAST_ALWAYS_INLINE void scale_by_bits_task_impl(const T* __restrict__ src, T* __restrict__ dst,
+                                                  const uint8_t* __restrict__ packed, int64_t n,
+                                                  int64_t byte_begin, int64_t byte_end,
+                                                  at::opmath_type<T> slope) {
+  using Acc = at::opmath_type<T>;
+  const int64_t full_end = std::min<int64_t>(byte_end, n / 8);
+  for (int64_t byte = byte_begin; byte < full_end; ++byte) {
+    const uint8_t mask = packed[byte];
+    const T* v = src + byte * 8;
+    T* o = dst + byte * 8;
+    for (int i = 0; i < 8; ++i) {
+      const Acc x = static_cast<Acc>(v[i]);
+      o[i] = static_cast<T>(((mask >> i) & 1) ? x : x * slope);
+    }
+  }
+  for (int64_t byte = std::max(byte_begin, full_end); byte < byte_end; ++byte) {  // tail
+    const uint8_t mask = packed[byte];
+    for (int64_t e = byte * 8; e < n; ++e) {
+      const Acc x = static_cast<Acc>(src[e]);
+      dst[e] = static_cast<T>(((mask >> (e - byte * 8)) & 1) ? x : x * slope);
+    }
+  }
+}
+VCFAST_ISA_DISPATCHED(void, scale_by_bits_task, (typename T), (T),
+                      (const T* __restrict__ src, T* __restrict__ dst,
+                       const uint8_t* __restrict__ packed, int64_t n, int64_t byte_begin,
+                       int64_t byte_end, at::opmath_type<T> slope),
+                      (src, dst, packed, n, byte_begin, byte_end, slope))
+
+// Sum of squares of one sample, in double. Eight independent partial sums: one running sum
+// is a chain of dependent adds (its latency, not the arithmetic, sets the speed), and eight
+// lanes also vectorise. The order is fixed, so the result is deterministic for a given
+// instruction-set level (the AVX2/AVX-512 builds may fuse v * v + lane into one FMA).
+template <typename T>
+VCFAST_ALWAYS_INLINE double sum_of_squares_impl(const T* __restrict__ row, int64_t n) {
+  using Acc = at::opmath_type<T>;
+  constexpr int kLanes = 8;
+  double lane[kLanes] = {};
+  int64_t i = 0;
+  for (; i + kLanes <= n; i += kLanes) {
+    for (int j = 0; j < kLanes; ++j) {
+      const double v = static_cast<double>(static_cast<Acc>(row[i + j]));
+      lane[j] += v * v;
+    }
+  }
+  double sum = 0.0;
+  for (int j = 0; j < kLanes; ++j) sum += lane[j];
+  for (; i < n; ++i) {
+    const double v = static_cast<double>(static_cast<Acc>(row[i]));
+    sum += v * v;
+  }
+  return sum;
+}
+VCFAST_ISA_DISPATCHED(double, sum_of_squares, (typename T), (T),
+                      (const T* __restrict__ row, int64_t n), (row, n))
+
+// out = row * c.
+template <typename T>
+VCFAST_ALWAYS_INLINE void scale_row_impl(const T* __restrict__ row, T* __restrict__ out, int64_t n,
+                                         at::opmath_type<T> c) {
+  using Acc = at::opmath_type<T>;
+  for (int64_t i = 0; i < n; ++i) out[i] = static_cast<T>(static_cast<Acc>(row[i]) * c);
+}
+VCFAST_ISA_DISPATCHED(void, scale_row, (typename T), (T),
+                      (const T* __restrict__ row, T* __restrict__ out, int64_t n,
+                       at::opmath_type<T> c),
+                      (row, out, n, c))
 
 }  // namespace
 
@@ -41,30 +155,7 @@ std::tuple<at::Tensor, at::Tensor> leaky_relu_with_bits_cpu(const at::Tensor& z_
     uint8_t* packed = bits.data_ptr<uint8_t>();
     const Acc slope = static_cast<Acc>(negative_slope);
     at::parallel_for(0, n_bytes, kBytesPerTask, [&](int64_t byte_begin, int64_t byte_end) {
-      // Two simple passes over the task's elements instead of one loop with a variable trip
-      // count per byte: the first (branch-free select) and the second (8 compares per byte,
-      // a constant trip count) are loops the compiler vectorises; the task's data stays in L2.
-      const int64_t begin = byte_begin * 8, end = std::min<int64_t>(byte_end * 8, n);
-      for (int64_t e = begin; e < end; ++e) {
-        const Acc v = static_cast<Acc>(src[e]);
-        dst[e] = static_cast<T>(v > Acc(0) ? v : v * slope);
-      }
-      const int64_t full_end = std::min<int64_t>(byte_end, n / 8);
-      for (int64_t byte = byte_begin; byte < full_end; ++byte) {
-        const T* v = src + byte * 8;
-        uint8_t mask = 0;
-        for (int i = 0; i < 8; ++i) {
-          mask |= static_cast<uint8_t>(static_cast<Acc>(v[i]) > Acc(0)) << i;
-        }
-        packed[byte] = mask;
-      }
-      for (int64_t byte = std::max(byte_begin, full_end); byte < byte_end; ++byte) {  // tail
-        uint8_t mask = 0;
-        for (int64_t e = byte * 8; e < n; ++e) {
-          mask |= static_cast<uint8_t>(static_cast<Acc>(src[e]) > Acc(0)) << (e - byte * 8);
-        }
-        packed[byte] = mask;
-      }
+      leaky_relu_bits_task<T>(src, dst, packed, n, byte_begin, byte_end, slope);
     });
   });
   return {out, bits};
@@ -91,24 +182,7 @@ at::Tensor scale_by_slope_bits_cpu(const at::Tensor& x_in, const at::Tensor& bit
     const uint8_t* packed = packed_bits.data_ptr<uint8_t>();
     const Acc slope = static_cast<Acc>(negative_slope);
     at::parallel_for(0, n_bytes, kBytesPerTask, [&](int64_t byte_begin, int64_t byte_end) {
-      // Whole bytes with a constant trip count of 8 (vectorisable), then the tail byte.
-      const int64_t full_end = std::min<int64_t>(byte_end, n / 8);
-      for (int64_t byte = byte_begin; byte < full_end; ++byte) {
-        const uint8_t mask = packed[byte];
-        const T* v = src + byte * 8;
-        T* o = dst + byte * 8;
-        for (int i = 0; i < 8; ++i) {
-          const Acc x = static_cast<Acc>(v[i]);
-          o[i] = static_cast<T>(((mask >> i) & 1) ? x : x * slope);
-        }
-      }
-      for (int64_t byte = std::max(byte_begin, full_end); byte < byte_end; ++byte) {  // tail
-        const uint8_t mask = packed[byte];
-        for (int64_t e = byte * 8; e < n; ++e) {
-          const Acc x = static_cast<Acc>(src[e]);
-          dst[e] = static_cast<T>(((mask >> (e - byte * 8)) & 1) ? x : x * slope);
-        }
-      }
+      scale_by_bits_task<T>(src, dst, packed, n, byte_begin, byte_end, slope);
     });
   });
   return out;
@@ -138,25 +212,7 @@ std::tuple<at::Tensor, at::Tensor> penalty_terms_cpu(const at::Tensor& g_in, dou
     // float32 sum over 65 536 elements would carry needless rounding.
     at::parallel_for(0, batch, 1, [&](int64_t b0, int64_t b1) {
       for (int64_t b = b0; b < b1; ++b) {
-        const T* row = src + b * per_sample;
-        // Eight independent partial sums: one running sum is a chain of dependent adds (its
-        // latency, not the arithmetic, sets the speed), and eight lanes also vectorise. The
-        // order is fixed, so the result is deterministic.
-        constexpr int kLanes = 8;
-        double lane[kLanes] = {};
-        int64_t i = 0;
-        for (; i + kLanes <= per_sample; i += kLanes) {
-          for (int j = 0; j < kLanes; ++j) {
-            const double v = static_cast<double>(static_cast<Acc>(row[i + j]));
-            lane[j] += v * v;
-          }
-        }
-        double sum = 0.0;
-        for (int j = 0; j < kLanes; ++j) sum += lane[j];
-        for (; i < per_sample; ++i) {
-          const double v = static_cast<double>(static_cast<Acc>(row[i]));
-          sum += v * v;
-        }
+        const double sum = sum_of_squares<T>(src + b * per_sample, per_sample);
         norm[b] = std::sqrt(sum);
       }
     });
@@ -170,11 +226,7 @@ std::tuple<at::Tensor, at::Tensor> penalty_terms_cpu(const at::Tensor& g_in, dou
                                  ? weight * 2.0 * (norm[b] - target) / norm[b] / static_cast<double>(batch)
                                  : 0.0;
         const Acc c = static_cast<Acc>(coeff);
-        const T* row = src + b * per_sample;
-        T* out_row = dst + b * per_sample;
-        for (int64_t i = 0; i < per_sample; ++i) {
-          out_row[i] = static_cast<T>(static_cast<Acc>(row[i]) * c);
-        }
+        scale_row<T>(src + b * per_sample, dst + b * per_sample, per_sample, c);
       }
     });
   });

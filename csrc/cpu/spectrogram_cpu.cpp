@@ -22,6 +22,7 @@
 #include <cmath>
 #include <limits>
 
+#include "vcfast/cpu_isa.h"
 #include "vcfast/spectrogram_math.h"
 #include "spectrogram_cpu.h"
 
@@ -43,6 +44,63 @@ void window_frames(const T* wave_row, const T* window, int64_t f0, int64_t count
     }
   }
 }
+
+// The forward's two elementwise loops over a block, each compiled at three instruction-set
+// levels (csrc/include/vcfast/cpu_isa.h).
+
+// Pre-log values of the kept bins of `count` frames, [count, n_bins] in the spectrum's own
+// order (so the loop streams and vectorises). Returns nonzero when one is NaN or +Inf: a
+// NaN or Inf sample makes every bin of its frame non-finite (Inf * twiddle and 0 * Inf are
+// NaN), so checking the kept bins checks the input without another pass.
+template <typename T, int kPower>
+VCFAST_ALWAYS_INLINE int spectrum_prelog_impl(const T* __restrict__ spec, int64_t count,
+                                              int64_t n_rfft, int64_t bin_lo, int64_t n_bins,
+                                              const LogSpecParams<T>& params,
+                                              T* __restrict__ pre) {
+  int nonfinite = 0;  // an int OR-reduction vectorises; a bool one does not
+  const T largest = std::numeric_limits<T>::max();
+  for (int64_t j = 0; j < count; ++j) {
+    const T* __restrict__ src = spec + 2 * (j * n_rfft + bin_lo);
+    T* __restrict__ dst = pre + j * n_bins;
+    for (int64_t k = 0; k < n_bins; ++k) {
+      const T v = logspec_prelog<kPower>(src[2 * k], src[2 * k + 1], params);
+      nonfinite |= !(v <= largest);  // true for NaN and +Inf
+      dst[k] = v;
+    }
+  }
+  return nonfinite;
+}
+VCFAST_ISA_DISPATCHED(int, spectrum_prelog, (typename T, int kPower), (T, kPower),
+                      (const T* __restrict__ spec, int64_t count, int64_t n_rfft,
+                       int64_t bin_lo, int64_t n_bins, const LogSpecParams<T>& params,
+                       T* __restrict__ pre),
+                      (spec, count, n_rfft, bin_lo, n_bins, params, pre))
+
+// Shift, scale and clip the logged block into out_row's [bin, frame] layout (the transpose
+// happens here, in the cheapest pass).
+template <typename T>
+VCFAST_ALWAYS_INLINE void spectrum_postlog_impl(const T* __restrict__ pre, int64_t count,
+                                                int64_t n_bins, int64_t n_frames, int64_t f0,
+                                                const LogSpecParams<T>& params,
+                                                const T* __restrict__ shift,
+                                                const T* __restrict__ scale,
+                                                T* __restrict__ out_row) {
+  for (int64_t k = 0; k < n_bins; ++k) {
+    const T sh = shift[k];
+    const T sc = scale[k];
+    T* dst = out_row + k * n_frames + f0;
+    const T* src = pre + k;
+    for (int64_t j = 0; j < count; ++j) {
+      dst[j] = logspec_postlog<T>(src[j * n_bins], params, sh, sc);
+    }
+  }
+}
+VCFAST_ISA_DISPATCHED(void, spectrum_postlog, (typename T), (T),
+                      (const T* __restrict__ pre, int64_t count, int64_t n_bins,
+                       int64_t n_frames, int64_t f0, const LogSpecParams<T>& params,
+                       const T* __restrict__ shift, const T* __restrict__ scale,
+                       T* __restrict__ out_row),
+                      (pre, count, n_bins, n_frames, f0, params, shift, scale, out_row))
 
 }  // namespace
 
@@ -87,39 +145,19 @@ at::Tensor log_spectrogram_cpu(const at::Tensor& wave_in, const at::Tensor& wind
         window_frames(wave_row, window_ptr, f0, count, n_fft, hop, frames.data_ptr<T>());
         const at::Tensor spectrum = at::fft_rfft(frames.narrow(0, 0, count), n_fft, -1);
         const c10::complex<T>* spec = spectrum.data_ptr<c10::complex<T>>();
-        // [count, n_bins], the spectrum's own order, so this loop streams and vectorises;
-        // the transpose to [bin, frame] happens in the final, cheapest pass.
         T* pre = prelog.data_ptr<T>();
-        // A NaN or Inf sample makes every bin of its frame non-finite (Inf * twiddle and
-        // 0 * Inf are NaN), so checking the kept bins checks the input without another pass.
-        int nonfinite = 0;  // an int OR-reduction vectorises; a bool one does not
-        const T largest = std::numeric_limits<T>::max();
+        int nonfinite = 0;
         logspec_dispatch(params, [&](auto power_c, auto /*clipped*/) {
           constexpr int kPower = decltype(power_c)::value;
-          for (int64_t j = 0; j < count; ++j) {
-            const T* __restrict__ src = reinterpret_cast<const T*>(spec + j * n_rfft + bin_lo);
-            T* __restrict__ dst = pre + j * n_bins;
-            for (int64_t k = 0; k < n_bins; ++k) {
-              const T v = logspec_prelog<kPower>(src[2 * k], src[2 * k + 1], params);
-              nonfinite |= !(v <= largest);  // true for NaN and +Inf
-              dst[k] = v;
-            }
-          }
+          nonfinite = spectrum_prelog<T, kPower>(reinterpret_cast<const T*>(spec), count, n_rfft,
+                                                 bin_lo, n_bins, params, pre);
         });
         if (nonfinite) all_finite.store(false, std::memory_order_relaxed);
         // The log dominates the epilogue; ATen's vectorised log is several times faster
         // than a scalar loop.
         prelog.narrow(0, 0, n_bins * count).log_();
-        T* out_row = out_ptr + b * n_bins * n_frames;
-        for (int64_t k = 0; k < n_bins; ++k) {
-          const T sh = shift_ptr[k];
-          const T sc = scale_ptr[k];
-          T* dst = out_row + k * n_frames + f0;
-          const T* src = pre + k;
-          for (int64_t j = 0; j < count; ++j) {
-            dst[j] = logspec_postlog<T>(src[j * n_bins], params, sh, sc);
-          }
-        }
+        spectrum_postlog<T>(pre, count, n_bins, n_frames, f0, params, shift_ptr, scale_ptr,
+                            out_ptr + b * n_bins * n_frames);
       }
     });
   });
