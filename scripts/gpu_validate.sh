@@ -295,8 +295,8 @@ else
   # The modules that exercise compiled Triton kernels first (pytest runs the files in the
   # order given and collects each once), then the rest of the suite.
   run_step test_suite 600 last_pytest_line "$PY" -m pytest -q -p no:cacheprovider \
-    tests/test_classification_triton.py tests/test_gradient_penalty_triton.py \
-    tests/test_spectrogram_triton.py tests/test_label_conv.py tests/test_norm_act_triton.py tests
+    tests/test_classification.py tests/test_slope_bits.py \
+    tests/test_spectrogram.py tests/test_label_conv.py tests/test_norm_act.py tests
 fi
 
 verdict="$([ "$FAILED" = 0 ] && echo "all steps passed" || echo "$FAILED step(s) FAILED")"

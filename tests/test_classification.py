@@ -699,6 +699,7 @@ def test_registered_ops_reject_bad_arguments_without_crashing():
 @pytest.mark.skipif(importlib.util.find_spec("vcfast.ops.classification_triton") is None
                     or not _extension.triton_available(),
                     reason="the Triton classification kernels are not installed")
+@needs_interpreter  # on a GPU machine the kernels are compiled, not interpreted
 @pytest.mark.parametrize("name", sorted(LOSSES))
 def test_triton_backend_under_the_interpreter(name, monkeypatch):
     monkeypatch.setenv("TRITON_INTERPRET", "1")
