@@ -59,11 +59,20 @@ include_dirs = [os.path.join(root, "csrc", "include"), os.path.join(root, "csrc"
 # No errno or FP-trap semantics are needed; without these GCC will not vectorise sqrt and
 # the guarded divisions of the per-bin loops. torch adds the C++ standard it needs (C++20).
 cxx_flags = ["-O3", "-fno-math-errno", "-fno-trapping-math"]
+# at::parallel_for is an inline `#pragma omp parallel` (ATen/ParallelOpenMP.h) when torch's
+# parallel backend is OpenMP: compiled without -fopenmp, every C++ CPU kernel ran on one
+# thread whatever torch.set_num_threads said. Linked as libgomp.so.1, it resolves to the copy
+# torch already loaded (same soname), so the kernels share torch's thread pool.
+openmp = sys.platform.startswith("linux") and "OpenMP" in torch.__config__.parallel_info()
+if openmp:
+    cxx_flags.append("-fopenmp")
 # Link the shared libstdc++ by name: a toolchain whose g++ finds only libstdc++.a (seen on
 # the first GPU machine: a /opt/gcc wrapper) otherwise copies libstdc++ into vcfast._C, and
 # that second copy's uninitialised locale crashes (SIGSEGV) on the first number a failing
 # check formats into its error message. scripts/unwind_probe/ reproduces it.
 link_flags = ["-l:libstdc++.so.6"] if sys.platform.startswith("linux") else []
+if openmp:
+    link_flags.append("-fopenmp")
 sources = (["csrc/ops.cpp"] + sorted(glob.glob("csrc/checks/*.cpp"))
            + sorted(glob.glob("csrc/cpu/*.cpp")))
 

@@ -68,3 +68,17 @@ def test_a_static_libstdcxx_copy_is_detected(tmp_path, static):
     subprocess.run(["g++", "-shared", "-fPIC", *flags, str(source), "-o", str(library)],
                    check=True, capture_output=True)
     assert _extension.cxx_runtime_linkage(str(library)) == ("static" if static else "shared")
+
+
+@linux_only
+def test_extension_shares_torchs_openmp_runtime():
+    """at::parallel_for is an inline `#pragma omp parallel` under torch's OpenMP backend: an
+    extension built without -fopenmp (as vcfast._C was until setup.py added it) runs every
+    C++ CPU kernel on one thread whatever torch.set_num_threads says. Built with it, the
+    extension links libgomp.so.1, which resolves to the copy torch loaded."""
+    if not _extension.EXTENSION_LOADED:
+        pytest.skip("vcfast._C not built")
+    if "OpenMP" not in torch.__config__.parallel_info():
+        pytest.skip("torch's parallel backend is not OpenMP")
+    needed = _extension.elf_needed_libraries(sys.modules["vcfast._C"].__file__)
+    assert any(n.startswith(("libgomp", "libomp", "libiomp")) for n in needed), needed
