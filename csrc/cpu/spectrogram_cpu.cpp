@@ -102,6 +102,37 @@ VCFAST_ISA_DISPATCHED(void, spectrum_postlog, (typename T), (T),
                        T* __restrict__ out_row),
                       (pre, count, n_bins, n_frames, f0, params, shift, scale, out_row))
 
+// dL/dX of the kept bins of `count` frames from dL/dy ([count, n_bins]), times
+// interior_factor (see the backward), in the spectrum's interleaved re/im layout.
+template <typename T, int kPower, bool kClipped>
+VCFAST_ALWAYS_INLINE void spectrum_grad_impl(const T* __restrict__ spec, T* __restrict__ sg,
+                                             const T* __restrict__ gy, int64_t count,
+                                             int64_t n_rfft, int64_t bin_lo, int64_t n_bins,
+                                             const LogSpecParams<T>& params,
+                                             const T* __restrict__ shift,
+                                             const T* __restrict__ scale, T interior_factor) {
+  for (int64_t j = 0; j < count; ++j) {
+    const T* x = spec + 2 * (j * n_rfft + bin_lo);
+    T* g = sg + 2 * (j * n_rfft + bin_lo);
+    const T* gy_row = gy + j * n_bins;
+    for (int64_t k = 0; k < n_bins; ++k) {
+      T gr, gi;
+      logspec_backward_impl<kPower, kClipped>(x[2 * k], x[2 * k + 1], gy_row[k], params,
+                                              shift[k], scale[k], &gr, &gi);
+      g[2 * k] = gr * interior_factor;
+      g[2 * k + 1] = gi * interior_factor;
+    }
+  }
+}
+VCFAST_ISA_DISPATCHED(void, spectrum_grad, (typename T, int kPower, bool kClipped),
+                      (T, kPower, kClipped),
+                      (const T* __restrict__ spec, T* __restrict__ sg, const T* __restrict__ gy,
+                       int64_t count, int64_t n_rfft, int64_t bin_lo, int64_t n_bins,
+                       const LogSpecParams<T>& params, const T* __restrict__ shift,
+                       const T* __restrict__ scale, T interior_factor),
+                      (spec, sg, gy, count, n_rfft, bin_lo, n_bins, params, shift, scale,
+                       interior_factor))
+
 }  // namespace
 
 at::Tensor log_spectrogram_cpu(const at::Tensor& wave_in, const at::Tensor& window_in,
@@ -249,18 +280,10 @@ at::Tensor log_spectrogram_backward_cpu(const at::Tensor& grad_in, const at::Ten
         logspec_dispatch(params, [&](auto power_c, auto clipped_c) {
           constexpr int kPower = decltype(power_c)::value;
           constexpr bool kClipped = decltype(clipped_c)::value;
-          for (int64_t j = 0; j < count; ++j) {
-            const T* x = reinterpret_cast<const T*>(spec + j * n_rfft + bin_lo);
-            T* g = reinterpret_cast<T*>(sg + j * n_rfft + bin_lo);
-            const T* gy_row = gy + j * n_bins;
-            for (int64_t k = 0; k < n_bins; ++k) {
-              T gr, gi;
-              logspec_backward_impl<kPower, kClipped>(x[2 * k], x[2 * k + 1], gy_row[k], params,
-                                                      shift_ptr[k], scale_ptr[k], &gr, &gi);
-              g[2 * k] = gr * interior_factor;
-              g[2 * k + 1] = gi * interior_factor;
-            }
-          }
+          spectrum_grad<T, kPower, kClipped>(reinterpret_cast<const T*>(spec),
+                                             reinterpret_cast<T*>(sg), gy, count, n_rfft,
+                                             bin_lo, n_bins, params, shift_ptr, scale_ptr,
+                                             interior_factor);
         });
         // irfft(G')[n] equals the DFT adjoint sum_k (Gr_k cos - Gi_k sin) when G'_k = G_k * N/2
         // (applied above), except at DC (and Nyquist for even N), which irfft counts once
