@@ -25,7 +25,11 @@ import os
 import pytest
 import torch
 import torch.nn.functional as F
-from _triton_testing import interpreter_marker
+from _triton_testing import (
+    assert_compiled_matches_eager,
+    interpreter_marker,
+    pretend_triton_is_missing,
+)
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -1266,15 +1270,7 @@ class TestTritonOps:
             b, _ = ct.masked_multigroup_softmax_ce_triton(x, ts, GROUPS, GROUP_MEAN)
             return a + 2 * b
 
-        x = raw_logits(3, 11)
-        xc = x.clone().requires_grad_()
-        xe = x.clone().requires_grad_()
-        yc = torch.compile(f, backend="aot_eager", fullgraph=True)(xc)
-        ye = f(xe)
-        yc.backward()
-        ye.backward()
-        torch.testing.assert_close(yc, ye, atol=1e-12, rtol=0)
-        torch.testing.assert_close(xc.grad, xe.grad, atol=1e-12, rtol=0)
+        assert_compiled_matches_eager(f, raw_logits(3, 11), atol=1e-12)
 
     @needs_interpreter
     def test_empty_batch(self):
@@ -1337,9 +1333,7 @@ class TestTritonOps:
         assert checked
 
     def test_missing_triton_raises_clear_error(self, monkeypatch):
-        monkeypatch.setattr(ct, "_kernels", None)
-        monkeypatch.setattr(ct, "TRITON_IMPORT_ERROR",
-                            "ModuleNotFoundError: No module named 'triton'")
+        pretend_triton_is_missing(monkeypatch, ct)
         x = torch.zeros(1, 3)
         with pytest.raises(RuntimeError, match="needs the triton package"):
             ct.masked_multigroup_bce_triton(x, x, (3,), None, MEAN)

@@ -33,7 +33,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from _triton_testing import interpreter_marker
+from _triton_testing import interpreter_marker, pretend_triton_is_missing
 
 from vcfast import _extension
 from vcfast.ops import slope_bits as sb
@@ -493,8 +493,7 @@ def test_triton_op_registration_traces_without_gpu():
 
 @needs_triton
 def test_missing_triton_raises_clear_error(monkeypatch):
-    monkeypatch.setattr(sbt, "_kernels", None)
-    monkeypatch.setattr(sbt, "TRITON_IMPORT_ERROR", "ModuleNotFoundError: No module named 'triton'")
+    pretend_triton_is_missing(monkeypatch, sbt)
     x = torch.zeros(2, 3)
     with pytest.raises(RuntimeError, match="needs the triton package"):
         sbt.leaky_relu_with_bits_triton(x, 0.2)

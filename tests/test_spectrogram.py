@@ -17,7 +17,11 @@ import os
 import numpy as np
 import pytest
 import torch
-from _triton_testing import interpreter_marker
+from _triton_testing import (
+    assert_compiled_matches_eager,
+    interpreter_marker,
+    pretend_triton_is_missing,
+)
 
 import vcfast
 from vcfast import _extension
@@ -725,15 +729,7 @@ def test_triton_torch_compile():
     def f(x):
         return vcfast.log_spectrogram(x, backend="triton", **over).square().sum()
 
-    x = wave((2, 100), torch.float64)
-    xc = x.clone().requires_grad_()
-    xe = x.clone().requires_grad_()
-    yc = torch.compile(f, backend="aot_eager", fullgraph=True)(xc)
-    ye = f(xe)
-    yc.backward()
-    ye.backward()
-    torch.testing.assert_close(yc, ye, atol=1e-10, rtol=0)
-    torch.testing.assert_close(xc.grad, xe.grad, atol=1e-10, rtol=0)
+    assert_compiled_matches_eager(f, wave((2, 100), torch.float64), atol=1e-10)
 
 
 @needs_interpreter
@@ -752,8 +748,7 @@ def test_triton_bad_arguments():
 
 @needs_triton
 def test_missing_triton_raises_clear_error(monkeypatch):
-    monkeypatch.setattr(st, "_kernels", None)
-    monkeypatch.setattr(st, "TRITON_IMPORT_ERROR", "ModuleNotFoundError: No module named 'triton'")
+    pretend_triton_is_missing(monkeypatch, st)
     x = torch.zeros(1, 32)
     with pytest.raises(RuntimeError, match="needs the triton package"):
         st.log_spectrogram_triton(x, torch.ones(16), torch.zeros(3), torch.ones(3),
