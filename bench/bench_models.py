@@ -50,6 +50,7 @@ from vcfast.memory import (
     onednn_conv_scratch,
     peak_memory,
 )
+from vcfast.tracking import CONV_STACK_WORKLOAD
 
 IMPLEMENTATIONS = ["reference", "vcfast"]
 BATCHES = [1, 2]
@@ -197,20 +198,6 @@ def test_memory_estimate_vs_real(capsys, size):
                                                     conditions())
 
 
-_CONV_STACK = """
-import torch
-torch.manual_seed(0)
-mf = torch.{memory_format}
-net = torch.nn.Sequential(torch.nn.Conv2d(8, 64, 3, padding=1), torch.nn.ReLU(),
-    torch.nn.Conv2d(64, 64, 3, padding=1), torch.nn.ReLU(),
-    torch.nn.Conv2d(64, 64, 3, padding=1), torch.nn.ReLU()).to(memory_format=mf)
-x = torch.randn(2, 8, 192, 192).to(memory_format=mf).requires_grad_()
-def run():
-    net.zero_grad(set_to_none=True)
-    x.grad = None
-    net(x).sum().backward()
-    return torch.zeros(0)
-"""
 
 
 @pytest.mark.parametrize("memory_format", ["channels_last", "contiguous_format"])
@@ -221,7 +208,7 @@ def test_conv_stack_memory_estimate_vs_real(capsys, memory_format):
     convolutions reorder into oneDNN's blocked layouts below the dispatcher; channels-last
     ones hardly do."""
     namespace: dict = {}
-    exec(_CONV_STACK.format(memory_format=memory_format), namespace)
+    exec(CONV_STACK_WORKLOAD.format(memory_format=memory_format), namespace)
     net = namespace["net"].to("meta")
     x = namespace["x"].detach().to("meta").requires_grad_()
 
@@ -236,7 +223,7 @@ def test_conv_stack_memory_estimate_vs_real(capsys, memory_format):
     estimate = peak_memory(step, device=None, scratch=calibrated)["peak_allocated_bytes"]
     fixed = peak_memory(step, device=None, scratch=onednn_conv_scratch)["peak_allocated_bytes"]
     tensors_only = peak_memory(step, device=None)["peak_allocated_bytes"]
-    real = measure_process_peak(_CONV_STACK.format(memory_format=memory_format),
+    real = measure_process_peak(CONV_STACK_WORKLOAD.format(memory_format=memory_format),
                                 threads=BENCH_THREADS)["extra"]
     with capsys.disabled():
         print(f"\n3 x conv3x3, {memory_format}, batch 2, 192 x 192, fwd + bwd, MB: "

@@ -18,6 +18,7 @@ from vcfast.memory import (
     peak_memory,
     tensor_bytes,
 )
+from vcfast.tracking import CONV_STACK_WORKLOAD
 
 
 def test_elementwise_peak_exact():
@@ -144,20 +145,6 @@ def test_round_to():
 # --- real memory and kernel scratch -------------------------------------------------------------
 
 
-_CONV_NET = """
-import torch
-torch.manual_seed(0)
-mf = torch.{memory_format}
-net = torch.nn.Sequential(torch.nn.Conv2d(8, 64, 3, padding=1), torch.nn.ReLU(),
-    torch.nn.Conv2d(64, 64, 3, padding=1), torch.nn.ReLU(),
-    torch.nn.Conv2d(64, 64, 3, padding=1), torch.nn.ReLU()).to(memory_format=mf)
-x = torch.randn(2, 8, 192, 192).to(memory_format=mf).requires_grad_()
-def run():
-    net.zero_grad(set_to_none=True)
-    x.grad = None
-    net(x).sum().backward()
-    return torch.zeros(0)
-"""
 
 
 @pytest.mark.parametrize("memory_format", ["channels_last", "contiguous_format"])
@@ -167,7 +154,7 @@ def test_tracked_bytes_do_not_depend_on_the_memory_format(memory_format):
     convolutions add below the dispatcher, which depends on the layout and on the CPU, is
     measured in bench/bench_models.py.)"""
     ns: dict = {}
-    exec(_CONV_NET.format(memory_format=memory_format), ns)
+    exec(CONV_STACK_WORKLOAD.format(memory_format=memory_format), ns)
     net = ns["net"].to("meta")
     x = ns["x"].detach().to("meta").requires_grad_()
 

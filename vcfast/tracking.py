@@ -648,3 +648,23 @@ class MeasuredConvScratch:
             return self.measured[key]
         self.misses += 1
         return int(self.fallback(func, args, kwargs, out)) if self.fallback is not None else 0
+
+
+# A small convolution workload, as source for measure_process_peak (a fresh process) or exec:
+# 3 x (conv3x3 + ReLU), 8 -> 64 -> 64 -> 64 channels, batch 2, 192 x 192, fp32, forward +
+# backward in run(). Format it with memory_format ("channels_last" or "contiguous_format").
+# The tracker's tests and the estimator's benchmark check themselves against it.
+CONV_STACK_WORKLOAD = """
+import torch
+torch.manual_seed(0)
+mf = torch.{memory_format}
+net = torch.nn.Sequential(torch.nn.Conv2d(8, 64, 3, padding=1), torch.nn.ReLU(),
+    torch.nn.Conv2d(64, 64, 3, padding=1), torch.nn.ReLU(),
+    torch.nn.Conv2d(64, 64, 3, padding=1), torch.nn.ReLU()).to(memory_format=mf)
+x = torch.randn(2, 8, 192, 192).to(memory_format=mf).requires_grad_()
+def run():
+    net.zero_grad(set_to_none=True)
+    x.grad = None
+    net(x).sum().backward()
+    return torch.zeros(0)
+"""
