@@ -379,10 +379,14 @@ def test_stats_large_mean_is_numerically_sound():
                                rtol=1e-5, atol=0)
 
 
+def test_empty_batch_reference_statistics():
+    """The reference statistics (the Triton backend's too) take an empty batch."""
+    mean, rstd, var_u = ops.instance_norm_stats_reference(torch.randn(0, 3, 4, 4), 1e-5)
+    assert mean.shape == rstd.shape == var_u.shape == (0, 3)
+
+
 @needs_cpp
 def test_empty_batch():
-    # C++ only: the reference statistics (which the Triton backend uses) reject an empty batch
-    # (reshape of 0 elements to [0, C, -1])
     z = torch.randn(0, 3, 4, 4)
     mean, rstd, var_u = ops.instance_norm_stats(z, 1e-5)
     assert mean.shape == rstd.shape == var_u.shape == (0, 3)

@@ -44,6 +44,8 @@ calls the backward op).
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import Tensor
 
@@ -77,11 +79,15 @@ def instance_norm_stats_reference(z: Tensor, eps: float) -> tuple[Tensor, Tensor
     if z.dim() < 3:
         raise ValueError(f"instance_norm_stats: z must be [N, C, *spatial], got {tuple(z.shape)}")
     n, c = z.shape[:2]
-    flat = z.reshape(n, c, -1).to(acc_dtype(z))
-    hw = flat.shape[2]
+    hw = math.prod(z.shape[2:])
+    # reshape(n, c, -1) cannot infer -1 for an empty batch; the plane size is known anyway.
+    flat = z.reshape(n, c, hw).to(acc_dtype(z))
     if hw <= 1:
         raise ValueError(f"Expected more than 1 spatial element when training, got input size "
                          f"{list(z.shape)}")
+    if n * c == 0:  # nothing to reduce (var_mean would warn about degrees of freedom)
+        empty = flat.new_empty((n, c))
+        return empty, empty.clone(), empty.clone()
     var, mean = torch.var_mean(flat, dim=2, correction=0)
     rstd = torch.rsqrt(var + eps)
     return mean, rstd, var * (hw / (hw - 1))
