@@ -76,8 +76,9 @@ FUSED_HERE = [
     pytest.param("triton", marks=needs_interpreter),
 ]
 BACKENDS_HERE = ["reference"] + FUSED_HERE
-# Where the Triton ops differ (their own error messages, e.g. "columns 6:9" for "columns 5..7")
-# or the interpreter is too slow (gradcheck): their own versions are in TestTritonOps.
+# Where the Triton ops differ (extreme-logit tolerances, raw-op argument forms) or the
+# interpreter is too slow (gradcheck): their own versions are in TestTritonOps. Error messages
+# are one wording for every backend (vcfast/ops/_classification_common.py).
 REFERENCE_AND_CPU = ["reference", pytest.param("cpu", marks=needs_extension)]
 
 STARGAN = (1421, 53, 2)
@@ -1036,8 +1037,9 @@ class TestTritonOps:
                              ids=str)
     def test_bce_bad_targets_raise(self, bad, tdtype):
         t = bce_targets(3, 11).to(tdtype)
-        t[2, 7] = bad  # sample 2, group 2 (columns 6:9)
-        with pytest.raises(ValueError, match=r"sample 2, group 2 \(columns 6:9"):
+        t[2, 7] = bad  # sample 2, group 2 (columns 6..8)
+        with pytest.raises(ValueError, match=r"must hold only -1 \(unknown\), 0 or 1; found "
+                                             r"\S+ at sample 2, column 7"):
             ct.masked_multigroup_bce_triton(raw_logits(3, 11), t, GROUPS, None, MEAN)
 
     # ---------------------------------------------------------------------------------------------
@@ -1156,7 +1158,7 @@ class TestTritonOps:
     def test_softmax_one_hot_violations_raise(self, row, match):
         t = onehot_targets(3, GROUPS, dtype=torch.float32)
         t[1, 0:5] = torch.tensor(row)  # sample 1, group 0
-        with pytest.raises(ValueError, match=rf"sample 1, group 0 \(columns 0:5.*{match}"):
+        with pytest.raises(ValueError, match=rf"sample 1, group 0 \(columns 0..4\) .*{match}"):
             ct.masked_multigroup_softmax_ce_triton(raw_logits(3, 11), t, GROUPS, SUM)
 
     @needs_interpreter

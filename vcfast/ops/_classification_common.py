@@ -26,6 +26,8 @@ __all__ = [
     "STATUS_TWO_POSITIVES",
     "STATUS_UNKNOWN",
     "TARGET_DTYPES",
+    "bad_group_message",
+    "bad_target_message",
     "check_args",
     "group_sizes",
     "loss_dtype",
@@ -59,6 +61,29 @@ SECOND_DERIVATIVE_ERROR = (
     "vcfast.masked_multigroup_bce / masked_multigroup_softmax_ce: second derivatives (a double "
     "backward, create_graph=True) are not implemented by the fused backends 'cpu', 'cuda' and "
     "'triton'; use backend='reference' where one is needed")
+
+
+def bad_target_message(op: str, targets: torch.Tensor, sample: int) -> str:
+    """The error for a sigmoid-CE target outside {-1, 0, 1} (NaN included): the first one of
+    row ``sample``, by column. Every backend raises this wording (the C++ kernels too)."""
+    row = targets[sample]
+    j = int((~((row == -1) | (row == 0) | (row == 1))).nonzero()[0])
+    return (f"{op}: `targets` must hold only -1 (unknown), 0 or 1; found {float(row[j]):g} at "
+            f"sample {sample}, column {j}")
+
+
+def bad_group_message(op: str, targets: torch.Tensor, sample: int, group: int,
+                      sizes: tuple[int, ...], status: int) -> str:
+    """The error for a softmax-CE group whose targets are not one-hot or all -1 (``status``
+    >= STATUS_BAD_VALUE), naming the sample, the group, its columns and why."""
+    off = sum(sizes[:group])
+    found = ""
+    if status == STATUS_BAD_VALUE:
+        t = targets[sample, off:off + sizes[group]]
+        j = int((~((t == -1) | (t == 0) | (t == 1))).nonzero()[0])
+        found = f" (found {float(t[j]):g} at column {off + j})"
+    return (f"{op}: `targets` of sample {sample}, group {group} (columns {off}.."
+            f"{off + sizes[group] - 1}) {SOFTMAX_REASONS[status]}{found}")
 
 
 def loss_dtype(logits: torch.Tensor) -> torch.dtype:

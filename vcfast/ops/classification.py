@@ -45,12 +45,13 @@ from vcfast.ops._backend import resolve_backend
 from vcfast.ops._classification_common import (
     REDUCTIONS,
     SECOND_DERIVATIVE_ERROR,
-    SOFTMAX_REASONS,
     STATUS_BAD_VALUE,
     STATUS_MIXED,
     STATUS_NO_POSITIVE,
     STATUS_TWO_POSITIVES,
     STATUS_UNKNOWN,
+    bad_group_message,
+    bad_target_message,
     check_args,
     loss_dtype,
     reduce,
@@ -100,9 +101,7 @@ def _per_group_sum(values: torch.Tensor, sizes: tuple[int, ...]) -> torch.Tensor
 def _check_target_values(op: str, targets: torch.Tensor) -> None:
     bad = ~((targets == -1) | (targets == 0) | (targets == 1))  # NaN is bad too
     if bad.any():
-        n, j = (int(i) for i in bad.nonzero()[0])
-        raise ValueError(f"{op}: `targets` must hold only -1 (unknown), 0 or 1; found "
-                         f"{float(targets[n, j]):g} at sample {n}, column {j}")
+        raise ValueError(bad_target_message(op, targets, int(bad.nonzero()[0, 0])))
 
 
 def masked_multigroup_bce_reference(
@@ -154,15 +153,7 @@ def masked_multigroup_softmax_ce_reference(
         errors = (status >= STATUS_BAD_VALUE).flatten().nonzero()
         if len(errors):
             n, g = divmod(int(errors[0]), len(sizes))
-            off = sum(sizes[:g])
-            code = int(status[n, g])
-            found = ""
-            if code == STATUS_BAD_VALUE:
-                t = targets[n, off:off + sizes[g]]
-                j = int((~((t == -1) | (t == 0) | (t == 1))).nonzero()[0])
-                found = f" (found {float(t[j]):g} at column {off + j})"
-            raise ValueError(f"{op}: `targets` of sample {n}, group {g} (columns {off}.."
-                             f"{off + sizes[g] - 1}) {SOFTMAX_REASONS[code]}{found}")
+            raise ValueError(bad_group_message(op, targets, n, g, sizes, int(status[n, g])))
     dtype = loss_dtype(logits)
     S, K = [], []
     for x, t in zip(logits.to(dtype).split(sizes, 1), targets.split(sizes, 1)):

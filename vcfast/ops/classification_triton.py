@@ -66,8 +66,9 @@ from torch import Tensor
 from vcfast.ops._classification_common import (
     REDUCTIONS,
     SECOND_DERIVATIVE_ERROR,
-    SOFTMAX_REASONS,
     STATUS_BAD_VALUE,
+    bad_group_message,
+    bad_target_message,
     check_args,
     loss_dtype,
     reduce,
@@ -208,18 +209,10 @@ def _raise_on_flags(name: str, flags: Tensor, targets: Tensor, groups: Sequence[
     if bad.shape[0] == 0:
         return
     n, g = (int(v) for v in bad[0].tolist())
-    bounds = _bounds(groups)
-    lo, hi = bounds[g], bounds[g + 1]
-    where = (f"sample {n}, group {g} (columns {lo}:{hi}; {bad.shape[0]} bad (sample, group) "
-             f"pair(s) in all)")
     if softmax:
-        reason = SOFTMAX_REASONS[int(flags[n, g])]
-        raise ValueError(f"{name}: targets of {where}: {reason}")
-    row = targets[n, lo:hi]
-    rowf = row.double()
-    odd = row[~((rowf == -1) | (rowf == 0) | (rowf == 1))]
-    raise ValueError(f"{name}: targets must be -1, 0 or 1 (not NaN); {where} has "
-                     f"{int(flags[n, g])} invalid value(s), e.g. {odd[:3].tolist()}")
+        raise ValueError(bad_group_message(name, targets, n, g, tuple(groups),
+                                           int(flags[n, g])))
+    raise ValueError(bad_target_message(name, targets, n))
 
 
 def _empty_partials(logits: Tensor, n_groups: int) -> tuple[Tensor, Tensor, Tensor]:
