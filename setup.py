@@ -72,6 +72,11 @@ if openmp:
 # check formats into its error message. scripts/unwind_probe/ reproduces it.
 link_flags = ["-l:libstdc++.so.6"] if sys.platform.startswith("linux") else []
 if openmp:
+    # By soname first (torch's own copy when its wheel bundles one: -L torch/lib comes before
+    # the system directories), so a compiler that finds only libgomp.a cannot copy a second
+    # OpenMP runtime into the extension, as happened with libstdc++ above.
+    if os.path.exists(os.path.join(os.path.dirname(torch.__file__), "lib", "libgomp.so.1")):
+        link_flags.append("-l:libgomp.so.1")
     link_flags.append("-fopenmp")
 sources = (["csrc/ops.cpp"] + sorted(glob.glob("csrc/checks/*.cpp"))
            + sorted(glob.glob("csrc/cpu/*.cpp")))
