@@ -8,6 +8,7 @@
 #include "cpu/classification_cpu.h"
 #include "cpu/gradient_penalty_cpu.h"
 #include "cpu/label_conv_cpu.h"
+#include "cpu/mel_cpu.h"
 #include "cpu/norm_act_cpu.h"
 #include "cpu/spectrogram_cpu.h"
 #include "vcfast/cpu_isa.h"
@@ -65,6 +66,16 @@ TORCH_LIBRARY(vcfast, m) {
       "log_spectrogram_backward(Tensor grad, Tensor wave, Tensor window, Tensor shift, "
       "Tensor scale, int n_fft, int hop, int bin_lo, int bin_hi, float magnitude_scale, "
       "float power, float log_offset, float log_floor, float clip_lo, float clip_hi) -> Tensor");
+  // Fused log-mel spectrogram (docs/ops.md#log-mel-spectrogram): wave already centre-padded;
+  // y = (log_multiplier * ln(max(fb^T |X|^power, log_floor)) - shift) * scale.
+  m.def(
+      "log_mel_spectrogram(Tensor wave, Tensor window, Tensor filterbank, Tensor shift, "
+      "Tensor scale, int n_fft, int hop, float power, float log_floor, float log_multiplier) "
+      "-> Tensor");
+  m.def(
+      "log_mel_spectrogram_backward(Tensor grad, Tensor wave, Tensor window, Tensor filterbank, "
+      "Tensor shift, Tensor scale, int n_fft, int hop, float power, float log_floor, "
+      "float log_multiplier) -> Tensor");
   // Masked multi-group losses (docs/ops.md#masked-multi-group-losses). reduction: 0 none, 1 sum, 2
   // mean, 3 group_mean. group_counts[g] (int64) = number of valid entries (sigmoid) / known samples
   // (softmax) of group g: with logits and targets it is all the backward needs.
@@ -107,6 +118,8 @@ TORCH_LIBRARY(vcfast, m) {
 TORCH_LIBRARY_IMPL(vcfast, CPU, m) {
   m.impl("log_spectrogram", &vcfast::log_spectrogram_cpu);
   m.impl("log_spectrogram_backward", &vcfast::log_spectrogram_backward_cpu);
+  m.impl("log_mel_spectrogram", &vcfast::log_mel_spectrogram_cpu);
+  m.impl("log_mel_spectrogram_backward", &vcfast::log_mel_spectrogram_backward_cpu);
   m.impl("masked_multigroup_bce", &vcfast::masked_multigroup_bce_cpu);
   m.impl("masked_multigroup_bce_backward", &vcfast::masked_multigroup_bce_backward_cpu);
   m.impl("masked_multigroup_softmax_ce", &vcfast::masked_multigroup_softmax_ce_cpu);

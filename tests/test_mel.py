@@ -14,6 +14,7 @@ import pytest
 import torch
 
 import vcfast
+from vcfast import _extension
 from vcfast.ops.mel import (
     MEL_PRESETS,
     MelNormalization,
@@ -437,3 +438,230 @@ def test_functional_compiles_fullgraph():
     wave = _wave(1, 20000)
     compiled = torch.compile(fn, backend="aot_eager", fullgraph=True)
     torch.testing.assert_close(compiled(wave), fn(wave))
+
+
+# ---------------------------------------------------------------------------------------------
+# The fused C++ CPU backend (csrc/cpu/mel_cpu.cpp)
+
+needs_cpu_op = pytest.mark.skipif(not _extension.has_op("log_mel_spectrogram"),
+                                  reason="vcfast._C without the log_mel_spectrogram op")
+CPU_VARIANTS = sorted(v for v in VARIANTS if v != "db-top")  # top_db: not covered by "cpu"
+
+
+def _values_and_grad(wave, backend, variant, weight_seed=1, **extra):
+    wave = wave.detach().requires_grad_(True)
+    out = _call(wave, backend, variant, **extra)
+    weight = _wave(*out.shape, dtype=out.dtype, seed=weight_seed)
+    (grad,) = torch.autograd.grad((out * weight).sum(), wave)
+    return out.detach(), grad
+
+
+def _tols(dtype):
+    if dtype == torch.float32:
+        return dict(rtol=1e-4, atol=1e-4), dict(rtol=1e-3, atol=1e-3)
+    return dict(rtol=1e-10, atol=1e-10), dict(rtol=1e-9, atol=1e-9)
+
+
+@needs_cpu_op
+@pytest.mark.parametrize("variant", CPU_VARIANTS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_cpu_matches_reference(variant, dtype):
+    wave = _wave(3, 4001, dtype=dtype)
+    out, grad = _values_and_grad(wave, "cpu", variant)
+    ref, ref_grad = _values_and_grad(wave, "reference", variant)
+    assert out.dtype == dtype and out.shape == ref.shape
+    tol, gtol = _tols(dtype)
+    torch.testing.assert_close(out, ref, **tol)
+    torch.testing.assert_close(grad, ref_grad, **gtol)
+
+
+@needs_cpu_op
+@pytest.mark.parametrize("batch, samples", [(1, 257), (1, 3000), (2, 1111), (5, 64 * 33 + 7)])
+@pytest.mark.parametrize("center", [True, False])
+@pytest.mark.parametrize("power", [1.0, 2.0])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_cpu_awkward_lengths(batch, samples, center, power, dtype):
+    # Lengths that leave a partial block of frames, a last sample range with a tail after the
+    # last hop, and (257 samples, centred) fewer frames than one block.
+    wave = _wave(batch, samples, dtype=dtype, seed=samples)
+    settings = dict(center=center, power=power)
+    out, grad = _values_and_grad(wave, "cpu", "default", **settings)
+    ref, ref_grad = _values_and_grad(wave, "reference", "default", **settings)
+    tol, gtol = _tols(dtype)
+    torch.testing.assert_close(out, ref, **tol)
+    torch.testing.assert_close(grad, ref_grad, **gtol)
+
+
+@needs_cpu_op
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_cpu_esc50_preset(dtype):
+    wave = _wave(2, 44100 + 123, dtype=dtype, seed=3)
+    results = []
+    for backend in ("cpu", "reference"):
+        x = wave.clone().requires_grad_(True)
+        out = vcfast.log_mel_spectrogram(x, "esc50_mel", backend=backend)
+        weight = _wave(*out.shape, dtype=dtype, seed=4)
+        (grad,) = torch.autograd.grad((out * weight).sum(), x)
+        results.append((out.detach(), grad))
+    assert results[0][0].shape == (2, 128, 87)
+    tol, gtol = _tols(dtype)
+    torch.testing.assert_close(results[0][0], results[1][0], **tol)
+    torch.testing.assert_close(results[0][1], results[1][1], **gtol)
+
+
+@needs_cpu_op
+def test_cpu_is_the_default_on_cpu_tensors(monkeypatch):
+    from vcfast.ops import mel as mel_module
+
+    calls = []
+    original = mel_module._log_mel_cpu
+    monkeypatch.setattr(mel_module, "_log_mel_cpu",
+                        lambda *a, **k: calls.append(1) or original(*a, **k))
+    wave = _wave(2, 3000)
+    out = vcfast.log_mel_spectrogram(wave, **TINY)
+    assert calls == [1]
+    torch.testing.assert_close(out, vcfast.log_mel_spectrogram(wave, **TINY, backend="fast"),
+                               rtol=1e-4, atol=1e-4)
+    vcfast.log_mel_spectrogram(wave, **TINY, log="db", top_db=50.0)  # not covered: "fast"
+    assert calls == [1]
+    # A custom window that asks for its gradient goes to "fast", which gives one.
+    win = torch.hann_window(256).requires_grad_(True)
+    out = vcfast.log_mel_spectrogram(wave, **TINY, window=win)
+    assert calls == [1]
+    (gw,) = torch.autograd.grad(out.sum(), win)
+    assert torch.isfinite(gw).all()
+
+
+@needs_cpu_op
+@pytest.mark.parametrize("ctx", [torch.no_grad, torch.inference_mode])
+def test_cpu_no_grad_and_inference_mode(ctx):
+    wave = _wave(2, 3000).requires_grad_(True)
+    expected = vcfast.log_mel_spectrogram(wave, **TINY, backend="cpu")
+    assert expected.requires_grad
+    with ctx():
+        out = vcfast.log_mel_spectrogram(wave, **TINY, backend="cpu")
+    assert not out.requires_grad
+    torch.testing.assert_close(out, expected.detach(), rtol=0, atol=0)
+
+
+@needs_cpu_op
+@pytest.mark.parametrize("level", ["baseline", "avx2", "avx512"])
+def test_cpu_every_isa_level(level):
+    levels = ["baseline", "avx2", "avx512"]
+    best = _extension.cpu_isa_supported()
+    if levels.index(level) > levels.index(best):
+        pytest.skip(f"this CPU does not execute {level} code (best: {best})")
+    wave = _wave(2, 3001, dtype=torch.float64)
+    previous = vcfast.set_cpu_isa(level)
+    try:
+        for variant in ("default", "power1-db", "power1.5", "mean-std"):
+            out, grad = _values_and_grad(wave, "cpu", variant)
+            ref, ref_grad = _values_and_grad(wave, "reference", variant)
+            torch.testing.assert_close(out, ref, rtol=1e-10, atol=1e-10)
+            torch.testing.assert_close(grad, ref_grad, rtol=1e-9, atol=1e-9)
+    finally:
+        vcfast.set_cpu_isa(previous)
+
+
+def _op_args(batch=2, samples=300, n_fft=32, hop=8, n_mels=6, dtype=torch.float64):
+    cfg = vcfast.MelConfig(sample_rate=1000, n_fft=n_fft, hop=hop, n_mels=n_mels, f_min=50.0)
+    wave = _wave(batch, samples, dtype=dtype) + 0.05
+    shift = torch.linspace(-1, 1, n_mels, dtype=dtype)
+    scale = torch.linspace(0.5, 2, n_mels, dtype=dtype)
+    return (wave, cfg.make_window(dtype), cfg.make_filterbank(dtype), shift, scale, n_fft, hop,
+            2.0, 1e-10, 1.0)
+
+
+@needs_cpu_op
+@pytest.mark.parametrize("power", [1.0, 2.0, 1.5])
+def test_cpu_opcheck(power):
+    args = list(_op_args())
+    args[7] = power
+    args[0].requires_grad_(True)
+    torch.library.opcheck(torch.ops.vcfast.log_mel_spectrogram.default, tuple(args))
+    grad = _wave(2, 6, (300 - 32) // 8 + 1, dtype=torch.float64, seed=5)
+    torch.library.opcheck(torch.ops.vcfast.log_mel_spectrogram_backward.default,
+                          (grad, args[0].detach(), *args[1:]),
+                          test_utils=("test_schema", "test_faketensor"))
+
+
+@needs_cpu_op
+@pytest.mark.parametrize("settings", [
+    dict(),
+    dict(center=False, log="db", normalization="range", mel_scale="slaney", mel_norm="slaney"),
+    dict(pad_mode="constant", power=1.0, log="db"),
+], ids=["default", "slaney-db-range", "constant-power1"])
+def test_cpu_gradcheck(settings):
+    wave = (_wave(2, 40, dtype=torch.float64) + 0.05).requires_grad_(True)
+    tiny = dict(sample_rate=1000, n_fft=16, hop=4, n_mels=4, f_min=50.0)
+
+    def fn(x):
+        return vcfast.log_mel_spectrogram(x, backend="cpu", **tiny, **settings)
+
+    assert torch.autograd.gradcheck(fn, (wave,))
+
+
+@needs_cpu_op
+def test_cpu_no_double_backward():
+    wave = _wave(2, 3000, dtype=torch.float64).requires_grad_(True)
+    out = vcfast.log_mel_spectrogram(wave, **TINY, backend="cpu")
+    (grad,) = torch.autograd.grad(out.sum(), wave, create_graph=True)
+    with pytest.raises(RuntimeError, match="second derivatives"):
+        torch.autograd.grad(grad.sum(), wave)
+
+
+@needs_cpu_op
+def test_cpu_compiles_fullgraph():
+    torch._dynamo.reset()
+    module = vcfast.nn.LogMelSpectrogram(**TINY, log="db", normalization="range",
+                                         backend="cpu")
+    compiled = torch.compile(module, backend="aot_eager", fullgraph=True)
+    wave = _wave(2, 3000).requires_grad_(True)
+    out = compiled(wave)
+    expected = module(wave)
+    torch.testing.assert_close(out, expected)
+    (grad,) = torch.autograd.grad(out.sum(), wave)
+    (grad_eager,) = torch.autograd.grad(expected.sum(), wave)
+    torch.testing.assert_close(grad, grad_eager)
+    torch._dynamo.reset()
+    fn = torch.compile(lambda x: vcfast.log_mel_spectrogram(x, "esc50_mel"),
+                       backend="aot_eager", fullgraph=True)
+    wave = _wave(1, 20000)
+    torch.testing.assert_close(fn(wave), vcfast.log_mel_spectrogram(wave, "esc50_mel"))
+
+
+@needs_cpu_op
+def test_cpu_backend_errors():
+    wave = _wave(2, 3000)
+    with pytest.raises(ValueError, match="`top_db`"):
+        vcfast.log_mel_spectrogram(wave, **TINY, log="db", top_db=40.0, backend="cpu")
+    with pytest.raises(ValueError, match="`backend`"):
+        vcfast.log_mel_spectrogram(wave.to("meta"), **TINY, backend="cpu")
+    op = torch.ops.vcfast.log_mel_spectrogram
+    args = _op_args()
+
+    def call(index, value):
+        changed = list(args)
+        changed[index] = value
+        return op(*changed)
+
+    for index, value, error, name in [
+        (0, args[0][0], ValueError, "wave"),  # 1-D
+        (0, args[0][:, :20], ValueError, "wave"),  # shorter than n_fft
+        (0, args[0].int(), TypeError, "wave"),
+        (1, args[1][:-1], ValueError, "window"),
+        (1, args[1].float(), TypeError, "window"),
+        (2, args[2][1:], ValueError, "filterbank"),
+        (3, args[3][1:], ValueError, "shift"),
+        (4, args[4][:, None], ValueError, "scale"),
+        (5, 1, ValueError, "n_fft"),
+        (6, 0, ValueError, "hop"),
+        (7, 0.0, ValueError, "power"),
+        (8, 0.0, ValueError, "log_floor"),
+    ]:
+        with pytest.raises(error, match=f"`{name}`"):
+            call(index, value)
+    out = op(*args)
+    with pytest.raises(ValueError, match="`grad`"):
+        torch.ops.vcfast.log_mel_spectrogram_backward(out[:, 1:], *args)
+

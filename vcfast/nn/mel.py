@@ -37,9 +37,9 @@ class LogMelSpectrogram(nn.Module):
     ) -> None:
         super().__init__()
         config, custom_window, mean, std = _prepare(None, preset, window, mean, std, settings)
-        if backend not in (None, "reference", "fast"):
-            raise ValueError("LogMelSpectrogram: `backend` must be None, 'reference' or "
-                             f"'fast', got {backend!r}")
+        if backend not in (None, "reference", "fast", "cpu"):
+            raise ValueError("LogMelSpectrogram: `backend` must be None, 'reference', 'fast' "
+                             f"or 'cpu', got {backend!r}")
         self.config = config
         self.backend = backend
         dtype = torch.float32
@@ -73,4 +73,4 @@ class LogMelSpectrogram(nn.Module):
             text += f", top_db={c.top_db}"
         if c.normalization is not None:
             text += f", normalization={c.normalization}"
-        return text + f", backend={self.backend or 'fast'}"
+        return text + f", backend={self.backend or 'auto'}"

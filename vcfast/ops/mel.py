@@ -12,10 +12,17 @@ Per mel band m and frame f of a waveform x (framing as torch.stft, optionally ce
     y       = (l - shift[m]) * scale[m]                      normalisation
 
 Backends (``backend=``): ``"reference"`` (the chain written out: frames by hand, rfft, the
-filterbank matmul, the log), ``"fast"`` (default: one torch.stft, the power spectrum as a sum of
-squares, one matmul, an in-place epilogue). Both are plain PyTorch, differentiable with respect
-to the waveform (second derivatives included) and compile with torch.compile(fullgraph=True),
-so neither is a registered op; fused C++/Triton kernels are to come.
+filterbank matmul, the log), ``"fast"`` (one torch.stft, the power spectrum as a sum of squares,
+one matmul, an in-place epilogue) and ``"cpu"`` (the fused C++ kernel csrc/cpu/mel_cpu.cpp,
+registered as ``vcfast::log_mel_spectrogram``: blocks of frames per thread, FFT, |X|^power,
+filterbank, log and per-band affine in one pass; the backward recomputes the block's FFT).
+"reference" and "fast" are plain PyTorch, differentiable with respect to the waveform (second
+derivatives included). "cpu" is differentiable with respect to the waveform only, once (no
+double backward); it covers every setting except ``top_db`` (a per-clip maximum over the whole
+spectrogram), for which an explicit ``backend="cpu"`` raises ValueError. The default
+(``backend=None``) is "cpu" for CPU tensors when vcfast._C has the op and the settings are
+covered (and no window/mean/std tensor asks for a gradient), else "fast". All three compile
+with torch.compile(fullgraph=True) (the op has a fake implementation and an autograd formula).
 """
 
 from __future__ import annotations
@@ -29,6 +36,8 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+
+from vcfast import _extension
 
 __all__ = [
     "MEL_PRESETS",
@@ -48,7 +57,7 @@ _WINDOWS = ("hann", "hamming", "rectangular")
 _PAD_MODES = ("reflect", "constant")
 _LOGS = ("natural", "db")
 _NORMALIZATIONS = (None, "range", "mean_std")
-_BACKENDS = (None, "reference", "fast")
+_BACKENDS = (None, "reference", "fast", "cpu")
 
 # Slaney's Auditory Toolbox scale (docs/ops.md#log-mel-spectrogram): linear below 1000 Hz,
 # 3 mels per 200 Hz, logarithmic above with 27 mels per factor 6.4.
@@ -434,6 +443,107 @@ def _tracks(wave: torch.Tensor) -> bool:
 
 
 # ---------------------------------------------------------------------------------------------
+# The fused C++ CPU backend (csrc/cpu/mel_cpu.cpp). The op takes the waveform already padded
+# (so the padding's gradient is autograd's) and per-band shift/scale:
+#     y = (log_multiplier * ln(max(fb^T |X|^power, log_floor)) - shift[m]) * scale[m]
+
+
+def _cpu_affine(config: MelConfig, n_mels: int, dtype, device, mean, std):
+    """(shift, scale) per band of the op for the configuration's normalisation."""
+    if config.normalization == "mean_std":
+        return mean, 1.0 / std
+    if config.normalization == "range":
+        lo, hi = config.resolved_log_range()
+        return (torch.full((n_mels,), lo, dtype=dtype, device=device),
+                torch.full((n_mels,), 1.0 / (hi - lo), dtype=dtype, device=device))
+    return (torch.zeros(n_mels, dtype=dtype, device=device),
+            torch.ones(n_mels, dtype=dtype, device=device))
+
+
+def _log_mel_cpu(
+    wave: torch.Tensor, config: MelConfig, window: torch.Tensor, filterbank: torch.Tensor,
+    mean: torch.Tensor | None = None, std: torch.Tensor | None = None,
+) -> torch.Tensor:
+    x = wave
+    if config.center:
+        half = config.n_fft // 2
+        x = F.pad(x[:, None, :], (half, half), mode=config.pad_mode)[:, 0, :]
+    shift, scale = _cpu_affine(config, config.n_mels, x.dtype, x.device, mean, std)
+    return torch.ops.vcfast.log_mel_spectrogram(
+        x, window, filterbank, shift, scale, config.n_fft, config.hop, float(config.power),
+        float(config.log_floor), float(config.log_multiplier))
+
+
+def _cpu_unsupported(config: MelConfig) -> str | None:
+    """The argument the cpu backend cannot compute, or None."""
+    return "top_db" if config.top_db is not None else None
+
+
+def _pick_backend(backend, config: MelConfig, x: torch.Tensor, params) -> str:
+    fn = "log_mel_spectrogram"
+    if backend is None:
+        if (x.device.type == "cpu" and _cpu_unsupported(config) is None
+                and _extension.has_op("log_mel_spectrogram")
+                and not (torch.is_grad_enabled()
+                         and any(p is not None and p.requires_grad for p in params))):
+            return "cpu"
+        return "fast"
+    if backend == "cpu":
+        if x.device.type != "cpu":
+            _fail(fn, "backend", f"'cpu' needs a CPU tensor, got one on {x.device}")
+        unsupported = _cpu_unsupported(config)
+        if unsupported is not None:
+            _fail(fn, unsupported, "is not computed by backend='cpu' (it needs the whole "
+                  "clip's maximum); use backend='fast' or None")
+        if not _extension.has_op("log_mel_spectrogram"):
+            raise RuntimeError(f"{fn}: backend='cpu' needs vcfast._C with the "
+                               "log_mel_spectrogram op; rebuild the extension or use 'fast'")
+    return backend
+
+
+if _extension.has_op("log_mel_spectrogram"):
+
+    @torch.library.register_fake("vcfast::log_mel_spectrogram")
+    def _log_mel_spectrogram_fake(wave, window, filterbank, shift, scale, n_fft, hop, power,
+                                  log_floor, log_multiplier):
+        torch._check(wave.dim() == 2, lambda: "wave must be [batch, samples]")
+        n_frames = (wave.shape[1] - n_fft) // hop + 1
+        return wave.new_empty((wave.shape[0], filterbank.shape[1], n_frames))
+
+    @torch.library.register_fake("vcfast::log_mel_spectrogram_backward")
+    def _log_mel_spectrogram_backward_fake(grad, wave, window, filterbank, shift, scale, n_fft,
+                                           hop, power, log_floor, log_multiplier):
+        return torch.empty_like(wave)
+
+    _MEL_SCALARS = 5  # n_fft, hop, power, log_floor, log_multiplier
+
+    def _mel_setup_context(ctx, inputs, output):
+        wave, window, filterbank, shift, scale, *scalars = inputs
+        # Only the waveform and the small per-configuration tensors: the backward recomputes
+        # the spectrum block by block.
+        ctx.save_for_backward(wave, window, filterbank, shift, scale)
+        ctx.scalars = scalars
+
+    def _mel_backward(ctx, grad):
+        grad_wave = torch.ops.vcfast.log_mel_spectrogram_backward(grad, *ctx.saved_tensors,
+                                                                  *ctx.scalars)
+        # Only the waveform gets a gradient; the other tensors are configuration.
+        return (grad_wave,) + (None,) * (4 + _MEL_SCALARS)
+
+    torch.library.register_autograd("vcfast::log_mel_spectrogram", _mel_backward,
+                                    setup_context=_mel_setup_context)
+
+    def _mel_no_second_derivative(ctx, grad):
+        raise RuntimeError(
+            "vcfast.log_mel_spectrogram: second derivatives (a double backward, "
+            "create_graph=True) are not implemented by backend='cpu'; use backend='fast' or "
+            "'reference' where one is needed")
+
+    torch.library.register_autograd("vcfast::log_mel_spectrogram_backward",
+                                    _mel_no_second_derivative)
+
+
+# ---------------------------------------------------------------------------------------------
 # Public API
 
 
@@ -471,7 +581,10 @@ def _apply(wave, config, window, filterbank, mean, std, backend) -> torch.Tensor
     window, filterbank = window.to(x.device, dtype), filterbank.to(x.device, dtype)
     if mean is not None:
         mean, std = mean.to(x.device, dtype), std.to(x.device, dtype)
-    if backend == "reference":
+    backend = _pick_backend(backend, config, x, (window, filterbank, mean, std))
+    if backend == "cpu":
+        out = _log_mel_cpu(x, config, window, filterbank, mean, std)
+    elif backend == "reference":
         out = log_mel_spectrogram_reference(x, config, window, filterbank, mean, std)
     elif _tracks(x) or torch.compiler.is_compiling():
         out = _log_mel_fast(x, config, window, filterbank, mean, std)
@@ -542,7 +655,9 @@ def log_mel_spectrogram(
         window: None (the configuration's, periodic Hann by default), ``"hann"``,
             ``"hamming"``, ``"rectangular"``, or a tensor of ``n_fft`` samples.
         mean, std: per-band statistics for ``normalization="mean_std"``.
-        backend: None or ``"fast"`` (torch.stft + matmul + in-place epilogue), ``"reference"``.
+        backend: None (``"cpu"`` for CPU tensors where it covers the settings, else
+            ``"fast"``), ``"cpu"`` (fused C++ kernel; no ``top_db``, no double backward),
+            ``"fast"`` (torch.stft + matmul + in-place epilogue), ``"reference"``.
         **settings: any :class:`MelConfig` field: sample_rate, n_fft, hop, n_mels,
             periodic_window, center (True), pad_mode ("reflect" | "constant"), power (2.0),
             f_min (0), f_max (None: Nyquist), mel_scale ("htk" | "slaney"), mel_norm
