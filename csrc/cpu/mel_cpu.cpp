@@ -4,16 +4,17 @@
 //
 // The same blocking as the log-spectrogram kernel (csrc/cpu/spectrogram_cpu.cpp): each
 // parallel task windows a block of frames of one clip into a private buffer, runs ATen's
-// real FFT on it, forms the power spectrum, multiplies it by the filterbank with one at::mm,
-// and writes only the final [n_mels] values of each frame. Nothing spectrum-sized exists for
+// real FFT on it, forms the power spectrum, multiplies it by the filterbank (one at::mm, or,
+// for a filterbank of narrow bands such as the mel triangles, sums over the bands only), and
+// writes only the final [n_mels] values of each frame. Nothing spectrum-sized exists for
 // the whole batch; the centre padding is done by the caller (vcfast/ops/mel.py), whose
 // autograd folds the padded samples' gradient back.
 //
 // Backward recomputes the block's FFT and mel values from the waveform (only the waveform is
-// saved), maps dL/dy -> dL/dmel (log and floor) -> dL/dP (one at::mm with the filterbank
-// transposed) -> dL/dX, and applies the adjoint of the windowed real DFT (a scaled inverse
-// real FFT, DC and Nyquist counted as in spectrogram_cpu.cpp) before overlap-adding into
-// dL/dwave. Threads own disjoint ranges of output samples, so the overlap-add needs no
+// saved), maps dL/dy -> dL/dmel (log and floor) -> dL/dP (the filterbank product transposed,
+// banded or one at::mm) -> dL/dX, and applies the adjoint of the windowed real DFT (a scaled
+// inverse real FFT, DC and Nyquist counted as in spectrogram_cpu.cpp) before overlap-adding
+// into dL/dwave. Threads own disjoint ranges of output samples, so the overlap-add needs no
 // atomics and is deterministic.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
@@ -21,6 +22,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <vector>
 
 #include "vcfast/cpu_isa.h"
 #include "mel_cpu.h"
@@ -202,6 +204,97 @@ VCFAST_ISA_DISPATCHED(void, mel_spectrum_grad, (typename T, int kPower), (T, kPo
                        T factor, T* __restrict__ sg),
                       (spec, gp, n, power, factor, sg))
 
+// Mel filters are triangles a few bins wide: filter m is nonzero only on bins [lo[m], hi[m]).
+// When the bands cover a small part of the matrix, the filterbank products run over the bands
+// alone (a few percent of the dense matmul's work for the presets); a dense filterbank goes
+// to at::mm.
+template <typename T>
+struct MelBands {
+  std::vector<int64_t> lo, hi, offset;  // offset[m]: filter m's first weight in `weights`
+  std::vector<T> weights;               // filter m's band, contiguous
+};
+
+template <typename T>
+bool make_bands(const T* fb, int64_t n_freqs, int64_t n_mels, MelBands<T>* bands) {
+  bands->lo.assign(n_mels, 0);
+  bands->hi.assign(n_mels, 0);
+  bands->offset.assign(n_mels, 0);
+  int64_t total = 0;
+  for (int64_t m = 0; m < n_mels; ++m) {
+    int64_t lo = n_freqs, hi = 0;
+    for (int64_t k = 0; k < n_freqs; ++k) {
+      if (fb[k * n_mels + m] != T(0)) {
+        lo = std::min(lo, k);
+        hi = k + 1;
+      }
+    }
+    if (hi == 0) lo = 0;  // an all-zero filter
+    bands->lo[m] = lo;
+    bands->hi[m] = hi;
+    bands->offset[m] = total;
+    total += hi - lo;
+  }
+  if (4 * total > n_freqs * n_mels) return false;
+  bands->weights.resize(total);
+  for (int64_t m = 0; m < n_mels; ++m) {
+    for (int64_t k = bands->lo[m]; k < bands->hi[m]; ++k) {
+      bands->weights[bands->offset[m] + k - bands->lo[m]] = fb[k * n_mels + m];
+    }
+  }
+  return true;
+}
+
+// mel[j, m] = sum_k pw[j, k] fb[k, m] over the bands.
+template <typename T>
+VCFAST_ALWAYS_INLINE void mel_banded_mm_impl(const T* __restrict__ pw, int64_t count,
+                                             int64_t n_freqs, int64_t n_mels,
+                                             const int64_t* __restrict__ lo,
+                                             const int64_t* __restrict__ hi,
+                                             const int64_t* __restrict__ offset,
+                                             const T* __restrict__ weights, T* __restrict__ mel) {
+  for (int64_t j = 0; j < count; ++j) {
+    const T* __restrict__ row = pw + j * n_freqs;
+    for (int64_t m = 0; m < n_mels; ++m) {
+      const T* __restrict__ w = weights + offset[m] - lo[m];
+      T acc = T(0);
+      for (int64_t k = lo[m]; k < hi[m]; ++k) acc += row[k] * w[k];
+      mel[j * n_mels + m] = acc;
+    }
+  }
+}
+VCFAST_ISA_DISPATCHED(void, mel_banded_mm, (typename T), (T),
+                      (const T* __restrict__ pw, int64_t count, int64_t n_freqs, int64_t n_mels,
+                       const int64_t* __restrict__ lo, const int64_t* __restrict__ hi,
+                       const int64_t* __restrict__ offset, const T* __restrict__ weights,
+                       T* __restrict__ mel),
+                      (pw, count, n_freqs, n_mels, lo, hi, offset, weights, mel))
+
+// gp[j, k] = sum_m gm[j, m] fb[k, m] over the bands.
+template <typename T>
+VCFAST_ALWAYS_INLINE void mel_banded_mm_t_impl(const T* __restrict__ gm, int64_t count,
+                                               int64_t n_freqs, int64_t n_mels,
+                                               const int64_t* __restrict__ lo,
+                                               const int64_t* __restrict__ hi,
+                                               const int64_t* __restrict__ offset,
+                                               const T* __restrict__ weights,
+                                               T* __restrict__ gp) {
+  for (int64_t j = 0; j < count; ++j) {
+    T* __restrict__ row = gp + j * n_freqs;
+    for (int64_t k = 0; k < n_freqs; ++k) row[k] = T(0);
+    for (int64_t m = 0; m < n_mels; ++m) {
+      const T g = gm[j * n_mels + m];
+      const T* __restrict__ w = weights + offset[m] - lo[m];
+      for (int64_t k = lo[m]; k < hi[m]; ++k) row[k] += g * w[k];
+    }
+  }
+}
+VCFAST_ISA_DISPATCHED(void, mel_banded_mm_t, (typename T), (T),
+                      (const T* __restrict__ gm, int64_t count, int64_t n_freqs, int64_t n_mels,
+                       const int64_t* __restrict__ lo, const int64_t* __restrict__ hi,
+                       const int64_t* __restrict__ offset, const T* __restrict__ weights,
+                       T* __restrict__ gp),
+                      (gm, count, n_freqs, n_mels, lo, hi, offset, weights, gp))
+
 template <typename F>
 void power_dispatch(double power, F&& body) {
   if (power == 2.0) {
@@ -236,6 +329,8 @@ at::Tensor log_mel_spectrogram_cpu(const at::Tensor& wave_in, const at::Tensor& 
     const T* shift_ptr = problem.shift.data_ptr<T>();
     const T* scale_ptr = problem.scale.data_ptr<T>();
     T* out_ptr = out.data_ptr<T>();
+    MelBands<T> bands;
+    const bool banded = make_bands(filterbank.data_ptr<T>(), n_freqs, n_mels, &bands);
 
     at::parallel_for(0, batch * blocks_per_row, 1, [&](int64_t task_begin, int64_t task_end) {
       at::Tensor frames = at::empty({kFramesPerBlock, n_fft}, wave.options());
@@ -254,7 +349,13 @@ at::Tensor log_mel_spectrogram_cpu(const at::Tensor& wave_in, const at::Tensor& 
           mel_power<T, kPower>(spec, count * n_freqs, T(power), pw.data_ptr<T>());
         });
         at::Tensor mel_block = mel.narrow(0, 0, count);
-        at::mm_out(mel_block, pw.narrow(0, 0, count), filterbank);
+        if (banded) {
+          mel_banded_mm<T>(pw.data_ptr<T>(), count, n_freqs, n_mels, bands.lo.data(),
+                           bands.hi.data(), bands.offset.data(), bands.weights.data(),
+                           mel.data_ptr<T>());
+        } else {
+          at::mm_out(mel_block, pw.narrow(0, 0, count), filterbank);
+        }
         // ATen's vectorised clamp and log (the log dominates the epilogue).
         mel_block.clamp_min_(log_floor).log_();
         mel_postlog<T>(mel.data_ptr<T>(), count, n_mels, n_frames, f0, T(log_multiplier),
@@ -291,7 +392,9 @@ at::Tensor log_mel_spectrogram_backward_cpu(const at::Tensor& grad_in, const at:
   const int64_t grad_stride_b = grad.stride(0);
   const int64_t grad_stride_m = grad.stride(1);
   const int64_t grad_stride_f = grad.stride(2);
-  at::Tensor grad_wave = at::zeros_like(wave);
+  // Each task zeroes the samples it owns before adding into them (in parallel, and the
+  // first touch of the pages is by the thread that writes them).
+  at::Tensor grad_wave = at::empty_like(wave);
   if (batch == 0) return grad_wave;
   const at::Tensor filterbank_t = filterbank.t();
 
@@ -311,6 +414,8 @@ at::Tensor log_mel_spectrogram_backward_cpu(const at::Tensor& grad_in, const at:
     T* grad_wave_ptr = grad_wave.data_ptr<T>();
     const T interior_factor = T(n_fft) / T(2);
     const bool has_nyquist = n_fft % 2 == 0;
+    MelBands<T> bands;
+    const bool banded = make_bands(filterbank.data_ptr<T>(), n_freqs, n_mels, &bands);
 
     at::parallel_for(0, batch * ranges_per_row, 1, [&](int64_t task_begin, int64_t task_end) {
       at::Tensor frames = at::empty({max_frames, n_fft}, wave.options());
@@ -329,6 +434,8 @@ at::Tensor log_mel_spectrogram_backward_cpu(const at::Tensor& grad_in, const at:
                                       : (range_index + 1) * kFramesPerBlock * hop;
         const int64_t f_first = range_begin < n_fft ? 0 : (range_begin - n_fft) / hop + 1;
         const int64_t f_last = std::min(n_frames - 1, (range_end - 1) / hop);
+        T* gw_row = grad_wave_ptr + b * samples;
+        std::fill(gw_row + range_begin, gw_row + range_end, T(0));
         if (f_last < f_first) continue;
         const int64_t count = f_last - f_first + 1;
         window_frames(wave_ptr + b * samples, window_ptr, f_first, count, n_fft, hop,
@@ -340,7 +447,13 @@ at::Tensor log_mel_spectrogram_backward_cpu(const at::Tensor& grad_in, const at:
           mel_power<T, kPower>(spec, count * n_freqs, T(power), pw.data_ptr<T>());
         });
         at::Tensor mel_block = mel.narrow(0, 0, count);
-        at::mm_out(mel_block, pw.narrow(0, 0, count), filterbank);
+        if (banded) {
+          mel_banded_mm<T>(pw.data_ptr<T>(), count, n_freqs, n_mels, bands.lo.data(),
+                           bands.hi.data(), bands.offset.data(), bands.weights.data(),
+                           mel.data_ptr<T>());
+        } else {
+          at::mm_out(mel_block, pw.narrow(0, 0, count), filterbank);
+        }
         // This block's dL/dy as [count, n_mels], so the loops below run over contiguous rows.
         const T* grad_row = grad_ptr + b * grad_stride_b + f_first * grad_stride_f;
         T* gy_ptr = gy.data_ptr<T>();
@@ -352,8 +465,13 @@ at::Tensor log_mel_spectrogram_backward_cpu(const at::Tensor& grad_in, const at:
         mel_grad<T>(mel.data_ptr<T>(), gy_ptr, count, n_mels, T(log_multiplier), T(log_floor),
                     scale_ptr);
         // dL/dP = dL/dmel @ fb^T, into pw (the power spectrum is no longer needed).
-        at::Tensor power_grad = pw.narrow(0, 0, count);
-        at::mm_out(power_grad, gy.narrow(0, 0, count), filterbank_t);
+        if (banded) {
+          mel_banded_mm_t<T>(gy_ptr, count, n_freqs, n_mels, bands.lo.data(), bands.hi.data(),
+                             bands.offset.data(), bands.weights.data(), pw.data_ptr<T>());
+        } else {
+          at::Tensor power_grad = pw.narrow(0, 0, count);
+          at::mm_out(power_grad, gy.narrow(0, 0, count), filterbank_t);
+        }
         T* sg = reinterpret_cast<T*>(spec_grad.data_ptr<C>());
         power_dispatch(power, [&](auto power_c) {
           constexpr int kPower = decltype(power_c)::value;
@@ -367,7 +485,6 @@ at::Tensor log_mel_spectrogram_backward_cpu(const at::Tensor& grad_in, const at:
         if (has_nyquist) spec_grad.select(1, n_freqs - 1).narrow(0, 0, count).mul_(T(2));
         const at::Tensor frame_grad = at::fft_irfft(spec_grad.narrow(0, 0, count), n_fft, -1);
         const T* fg = frame_grad.data_ptr<T>();
-        T* gw_row = grad_wave_ptr + b * samples;
         for (int64_t j = 0; j < count; ++j) {
           const int64_t start = (f_first + j) * hop;
           const int64_t n_begin = std::max<int64_t>(0, range_begin - start);

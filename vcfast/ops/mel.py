@@ -460,14 +460,35 @@ def _cpu_affine(config: MelConfig, n_mels: int, dtype, device, mean, std):
             torch.ones(n_mels, dtype=dtype, device=device))
 
 
+class _CentrePad(torch.autograd.Function):
+    """F.pad of [batch, samples] by ``half`` samples on both sides ("reflect" or "constant"),
+    with a backward that copies the gradient's middle once and folds the reflected edges into
+    it (reflection_pad1d_backward zero-fills and scatters the whole padded length)."""
+
+    @staticmethod
+    def forward(x, half, mode):
+        return F.pad(x.unsqueeze(1), (half, half), mode=mode).squeeze(1)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        ctx.half, ctx.mode = inputs[1], inputs[2]
+
+    @staticmethod
+    def backward(ctx, grad):
+        half = ctx.half
+        samples = grad.shape[-1] - 2 * half
+        grad_x = grad[:, half:half + samples].clone()
+        if ctx.mode == "reflect":
+            grad_x[:, 1:half + 1] += grad[:, :half].flip(-1)
+            grad_x[:, samples - half - 1:samples - 1] += grad[:, half + samples:].flip(-1)
+        return grad_x, None, None
+
+
 def _log_mel_cpu(
     wave: torch.Tensor, config: MelConfig, window: torch.Tensor, filterbank: torch.Tensor,
     mean: torch.Tensor | None = None, std: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    x = wave
-    if config.center:
-        half = config.n_fft // 2
-        x = F.pad(x[:, None, :], (half, half), mode=config.pad_mode)[:, 0, :]
+    x = _CentrePad.apply(wave, config.n_fft // 2, config.pad_mode) if config.center else wave
     shift, scale = _cpu_affine(config, config.n_mels, x.dtype, x.device, mean, std)
     return torch.ops.vcfast.log_mel_spectrogram(
         x, window, filterbank, shift, scale, config.n_fft, config.hop, float(config.power),
