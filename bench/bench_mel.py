@@ -9,10 +9,11 @@ against the float64 reference chain in the same run before it is timed.
 from __future__ import annotations
 
 import functools
+import textwrap
 
 import pytest
 import torch
-from conftest import BENCH_THREADS, conditions
+from conftest import BENCH_THREADS, conditions, measure_extra_memory
 
 import vcfast
 
@@ -129,3 +130,67 @@ def test_forward_backward_cpu(benchmark, impl):
     print(f"\n{impl}: {conditions()}")
     grad = benchmark(step)
     assert grad.shape == wave.shape
+
+
+_MEMORY_SETUP = {
+    "vcfast-cpu": "import vcfast\n"
+                  "fn = lambda w: vcfast.log_mel_spectrogram(w, 'esc50_mel', backend='cpu')",
+    "vcfast-fast": "import vcfast\n"
+                   "fn = lambda w: vcfast.log_mel_spectrogram(w, 'esc50_mel', backend='fast')",
+    "torch.stft-chain": textwrap.dedent(f"""
+        import torch, vcfast
+        window = torch.hann_window({PRESET.n_fft})
+        fb_t = vcfast.mel_filterbank({PRESET.n_freqs}, 0.0, 22050.0, {N_MELS}, 44100, 'slaney',
+                                     'slaney').T.contiguous()
+        def fn(w):
+            spec = torch.stft(w, {PRESET.n_fft}, {PRESET.hop}, window=window, center=True,
+                              pad_mode='reflect', return_complex=True)
+            return torch.log(torch.clamp(fb_t @ spec.abs().pow(2), min=1e-10))
+        """),
+    "nnAudio": textwrap.dedent(f"""
+        import torch
+        from nnAudio.features import MelSpectrogram
+        mel = MelSpectrogram(sr=44100, n_fft={PRESET.n_fft}, n_mels={N_MELS},
+                             hop_length={PRESET.hop}, window='hann', center=True,
+                             pad_mode='reflect', power=2.0, htk=False, fmin=0.0, fmax=None,
+                             norm=1, trainable_mel=False, trainable_STFT=False, verbose=False)
+        fn = lambda w: torch.log(torch.clamp(mel(w), min=1e-10))
+        """),
+}
+
+
+def _memory_code(impl: str, backward: bool) -> str:
+    return _MEMORY_SETUP[impl] + textwrap.dedent(f"""
+        import torch
+        g = torch.Generator().manual_seed(0)
+        wave = (torch.rand({BATCH}, {SAMPLES}, generator=g) - 0.5).requires_grad_({backward})
+        def run():
+            out = fn(wave)
+            if {backward}:
+                (grad,) = torch.autograd.grad(out.sum(), wave)
+                return grad
+            return out
+        """)
+
+
+def test_extra_memory_table(capsys):
+    """Extra memory beyond the output (forward: the log-mel; forward+backward: the wave's
+    gradient), each in a fresh process. Printed as a table; pytest -s shows it."""
+    rows = []
+    for impl in _MEMORY_SETUP:
+        if impl == "vcfast-cpu" and not vcfast._extension.has_op("log_mel_spectrogram"):
+            continue
+        if impl == "nnAudio":
+            pytest.importorskip("nnAudio.features")
+        fwd = measure_extra_memory(_memory_code(impl, backward=False))
+        bwd = measure_extra_memory(_memory_code(impl, backward=True))
+        rows.append((impl, fwd["extra"], fwd["out_bytes"], bwd["extra"], bwd["out_bytes"]))
+    mib = 2**20
+    with capsys.disabled():
+        print(f"\nextra memory beyond the output, log-mel {BATCH}x{SAMPLES} fp32 -> "
+              f"{BATCH}x{N_MELS}x{N_FRAMES}; {conditions()}")
+        print(f"{'impl':<18}{'fwd extra MiB':>14}{'fwd out MiB':>12}{'fwd+bwd extra MiB':>19}"
+              f"{'grad MiB':>10}")
+        for impl, fe, fo, be, bo in rows:
+            print(f"{impl:<18}{fe / mib:>14.1f}{fo / mib:>12.1f}{be / mib:>19.1f}{bo / mib:>10.1f}")
+    assert rows and all(r[2] > 0 and r[4] > 0 for r in rows)
