@@ -9,11 +9,12 @@ against the float64 reference chain in the same run before it is timed.
 from __future__ import annotations
 
 import functools
+import importlib.util
 import textwrap
 
 import pytest
 import torch
-from conftest import BENCH_THREADS, conditions, measure_extra_memory
+from conftest import BENCH_THREADS, conditions, print_memory_rows, waveform_memory_rows
 
 import vcfast
 
@@ -159,38 +160,15 @@ _MEMORY_SETUP = {
 }
 
 
-def _memory_code(impl: str, backward: bool) -> str:
-    return _MEMORY_SETUP[impl] + textwrap.dedent(f"""
-        import torch
-        g = torch.Generator().manual_seed(0)
-        wave = (torch.rand({BATCH}, {SAMPLES}, generator=g) - 0.5).requires_grad_({backward})
-        def run():
-            out = fn(wave)
-            if {backward}:
-                (grad,) = torch.autograd.grad(out.sum(), wave)
-                return grad
-            return out
-        """)
-
-
 def test_extra_memory_table(capsys):
     """Extra memory beyond the output (forward: the log-mel; forward+backward: the wave's
     gradient), each in a fresh process. Printed as a table; pytest -s shows it."""
-    rows = []
-    for impl in _MEMORY_SETUP:
-        if impl == "vcfast-cpu" and not vcfast._extension.has_op("log_mel_spectrogram"):
-            continue
-        if impl == "nnAudio":
-            pytest.importorskip("nnAudio.features")
-        fwd = measure_extra_memory(_memory_code(impl, backward=False))
-        bwd = measure_extra_memory(_memory_code(impl, backward=True))
-        rows.append((impl, fwd["extra"], fwd["out_bytes"], bwd["extra"], bwd["out_bytes"]))
-    mib = 2**20
+    setups = dict(_MEMORY_SETUP)
+    if not vcfast._extension.has_op("log_mel_spectrogram"):
+        del setups["vcfast-cpu"]
+    if importlib.util.find_spec("nnAudio") is None:
+        pytest.skip("pip install nnAudio (the bench extra)")
+    rows = waveform_memory_rows(setups, BATCH, SAMPLES)
     with capsys.disabled():
-        print(f"\nextra memory beyond the output, log-mel {BATCH}x{SAMPLES} fp32 -> "
-              f"{BATCH}x{N_MELS}x{N_FRAMES}; {conditions()}")
-        print(f"{'impl':<18}{'fwd extra MiB':>14}{'fwd out MiB':>12}{'fwd+bwd extra MiB':>19}"
-              f"{'grad MiB':>10}")
-        for impl, fe, fo, be, bo in rows:
-            print(f"{impl:<18}{fe / mib:>14.1f}{fo / mib:>12.1f}{be / mib:>19.1f}{bo / mib:>10.1f}")
+        print_memory_rows(f"log-mel {BATCH}x{SAMPLES} fp32 -> {BATCH}x{N_MELS}x{N_FRAMES}", rows)
     assert rows and all(r[2] > 0 and r[4] > 0 for r in rows)

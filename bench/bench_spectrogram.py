@@ -7,12 +7,13 @@ path allocates beyond its output, measured in a fresh process (see conftest.py).
 
 from __future__ import annotations
 
+import importlib.util
 import math
 import textwrap
 
 import pytest
 import torch
-from conftest import BENCH_THREADS, conditions, measure_extra_memory
+from conftest import BENCH_THREADS, conditions, print_memory_rows, waveform_memory_rows
 
 import vcfast
 
@@ -103,41 +104,17 @@ _MEMORY_SETUP = {
 }
 
 
-def _memory_code(impl: str, backward: bool) -> str:
-    body = _MEMORY_SETUP[impl] + textwrap.dedent(f"""
-        import torch
-        g = torch.Generator().manual_seed(0)
-        wave = (torch.rand({BATCH}, {SAMPLES}, generator=g) - 0.5).requires_grad_({backward})
-        def run():
-            out = fn(wave)
-            if {backward}:
-                (grad,) = torch.autograd.grad(out.sum(), wave)
-                return grad
-            return out
-        """)
-    return body
-
-
 def test_extra_memory_table(capsys):
     """Extra memory beyond the output: forward (output = spectrogram) and forward+backward
     (output = gradient). Printed as a table; pytest -s shows it, CI logs keep it."""
-    rows = []
-    for impl in CPU_IMPLS:
-        if impl == "vcfast-cpu" and not vcfast.backends()["cpu"]:
-            continue
-        if impl == "nnAudio":
-            pytest.importorskip("nnAudio.features")
-        fwd = measure_extra_memory(_memory_code(impl, backward=False))
-        bwd = measure_extra_memory(_memory_code(impl, backward=True))
-        rows.append((impl, fwd["extra"], fwd["out_bytes"], bwd["extra"], bwd["out_bytes"]))
-    mib = 2**20
+    setups = dict(_MEMORY_SETUP)
+    if not vcfast.backends()["cpu"]:
+        del setups["vcfast-cpu"]
+    if importlib.util.find_spec("nnAudio") is None:
+        pytest.skip("pip install nnAudio (the bench extra)")
+    rows = waveform_memory_rows({k: setups[k] for k in CPU_IMPLS if k in setups}, BATCH, SAMPLES)
     with capsys.disabled():
-        print(f"\nextra memory beyond the output, {BATCH}x{SAMPLES} fp32 -> {BATCH}x256x256; "
-              f"{conditions()}")
-        print(f"{'impl':<18}{'fwd extra MiB':>14}{'fwd out MiB':>12}{'fwd+bwd extra MiB':>19}"
-              f"{'grad MiB':>10}")
-        for impl, fe, fo, be, bo in rows:
-            print(f"{impl:<18}{fe / mib:>14.1f}{fo / mib:>12.1f}{be / mib:>19.1f}{bo / mib:>10.1f}")
+        print_memory_rows(f"{BATCH}x{SAMPLES} fp32 -> {BATCH}x256x256", rows)
     assert all(r[2] == BATCH * 256 * 256 * 4 for r in rows)
 
 

@@ -9,6 +9,7 @@ import functools
 import os
 import subprocess
 import sys
+import textwrap
 
 import pytest
 import torch
@@ -74,3 +75,41 @@ def measure_extra_memory(setup_code: str, threads: int = BENCH_THREADS) -> dict:
     """Peak bytes a call allocates beyond its output, in a fresh process (see
     vcfast.memory.measure_process_peak for the method)."""
     return measure_process_peak(setup_code, threads)
+
+
+def waveform_memory_rows(setups: dict[str, str], batch: int, samples: int) -> list[tuple]:
+    """Extra memory of a waveform op in fresh processes, forward and forward+backward.
+
+    ``setups``: name -> source defining ``fn(wave)``; each runs on a ``[batch, samples]``
+    float32 wave (its output, then the wave's gradient of ``fn(wave).sum()``). Returns rows
+    (name, forward extra, output bytes, forward+backward extra, gradient bytes)."""
+    rows = []
+    for name, setup in setups.items():
+        measured = []
+        for backward in (False, True):
+            code = setup + textwrap.dedent(f"""
+                import torch
+                g = torch.Generator().manual_seed(0)
+                wave = torch.rand({batch}, {samples}, generator=g) - 0.5
+                wave.requires_grad_({backward})
+                def run():
+                    out = fn(wave)
+                    if {backward}:
+                        (grad,) = torch.autograd.grad(out.sum(), wave)
+                        return grad
+                    return out
+                """)
+            measured.append(measure_extra_memory(code))
+        rows.append((name, measured[0]["extra"], measured[0]["out_bytes"], measured[1]["extra"],
+                     measured[1]["out_bytes"]))
+    return rows
+
+
+def print_memory_rows(title: str, rows: list[tuple]) -> None:
+    """The table of :func:`waveform_memory_rows`, with the conditions."""
+    mib = 2**20
+    print(f"\nextra memory beyond the output, {title}; {conditions()}")
+    print(f"{'impl':<18}{'fwd extra MiB':>14}{'fwd out MiB':>12}{'fwd+bwd extra MiB':>19}"
+          f"{'grad MiB':>10}")
+    for impl, fe, fo, be, bo in rows:
+        print(f"{impl:<18}{fe / mib:>14.1f}{fo / mib:>12.1f}{be / mib:>19.1f}{bo / mib:>10.1f}")

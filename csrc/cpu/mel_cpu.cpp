@@ -24,8 +24,9 @@
 #include <cmath>
 #include <vector>
 
-#include "vcfast/cpu_isa.h"
+#include "framing.h"
 #include "mel_cpu.h"
+#include "vcfast/cpu_isa.h"
 
 namespace vcfast {
 namespace {
@@ -89,20 +90,6 @@ MelProblem prepare_mel(const at::Tensor& wave, const at::Tensor& window,
   p.n_freqs = n_freqs;
   p.n_mels = n_mels;
   return p;
-}
-
-// Copies frames [f0, f0 + count) of one waveform into `frames` (row-major, n_fft wide),
-// multiplied by the window.
-template <typename T>
-void window_frames(const T* wave_row, const T* window, int64_t f0, int64_t count, int64_t n_fft,
-                   int64_t hop, T* frames) {
-  for (int64_t j = 0; j < count; ++j) {
-    const T* src = wave_row + (f0 + j) * hop;
-    T* dst = frames + j * n_fft;
-    for (int64_t n = 0; n < n_fft; ++n) {
-      dst[n] = src[n] * window[n];
-    }
-  }
 }
 
 // The elementwise loops, each compiled at three instruction-set levels
@@ -426,16 +413,11 @@ at::Tensor log_mel_spectrogram_backward_cpu(const at::Tensor& grad_in, const at:
           at::empty({max_frames, n_freqs}, wave.options().dtype(c10::toComplexType(
                                                 wave.scalar_type())));
       for (int64_t task = task_begin; task < task_end; ++task) {
-        const int64_t b = task / ranges_per_row;
-        const int64_t range_index = task % ranges_per_row;
-        const int64_t range_begin = range_index * kFramesPerBlock * hop;
-        const int64_t range_end = range_index == ranges_per_row - 1
-                                      ? samples
-                                      : (range_index + 1) * kFramesPerBlock * hop;
-        const int64_t f_first = range_begin < n_fft ? 0 : (range_begin - n_fft) / hop + 1;
-        const int64_t f_last = std::min(n_frames - 1, (range_end - 1) / hop);
+        const OutputRange range = output_range(task, ranges_per_row, kFramesPerBlock, hop, n_fft,
+                                               samples, n_frames);
+        const int64_t b = range.b, f_first = range.f_first, f_last = range.f_last;
         T* gw_row = grad_wave_ptr + b * samples;
-        std::fill(gw_row + range_begin, gw_row + range_end, T(0));
+        std::fill(gw_row + range.begin, gw_row + range.end, T(0));
         if (f_last < f_first) continue;
         const int64_t count = f_last - f_first + 1;
         window_frames(wave_ptr + b * samples, window_ptr, f_first, count, n_fft, hop,
@@ -485,16 +467,7 @@ at::Tensor log_mel_spectrogram_backward_cpu(const at::Tensor& grad_in, const at:
         if (has_nyquist) spec_grad.select(1, n_freqs - 1).narrow(0, 0, count).mul_(T(2));
         const at::Tensor frame_grad = at::fft_irfft(spec_grad.narrow(0, 0, count), n_fft, -1);
         const T* fg = frame_grad.data_ptr<T>();
-        for (int64_t j = 0; j < count; ++j) {
-          const int64_t start = (f_first + j) * hop;
-          const int64_t n_begin = std::max<int64_t>(0, range_begin - start);
-          const int64_t n_end = std::min<int64_t>(n_fft, range_end - start);
-          const T* src = fg + j * n_fft;
-          T* dst = gw_row + start;
-          for (int64_t n = n_begin; n < n_end; ++n) {
-            dst[n] += src[n] * window_ptr[n];
-          }
-        }
+        overlap_add_windowed(fg, count, range, hop, n_fft, window_ptr, gw_row);
       }
     });
   });

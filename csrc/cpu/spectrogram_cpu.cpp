@@ -22,6 +22,7 @@
 #include <cmath>
 #include <limits>
 
+#include "framing.h"
 #include "vcfast/cpu_isa.h"
 #include "vcfast/spectrogram_math.h"
 #include "spectrogram_cpu.h"
@@ -30,20 +31,6 @@ namespace vcfast {
 namespace {
 
 constexpr int64_t kFramesPerBlock = 32;
-
-// Copies frames [f0, f0 + count) of one waveform into `frames` (row-major, n_fft wide),
-// multiplied by the window.
-template <typename T>
-void window_frames(const T* wave_row, const T* window, int64_t f0, int64_t count, int64_t n_fft,
-                   int64_t hop, T* frames) {
-  for (int64_t j = 0; j < count; ++j) {
-    const T* src = wave_row + (f0 + j) * hop;
-    T* dst = frames + j * n_fft;
-    for (int64_t n = 0; n < n_fft; ++n) {
-      dst[n] = src[n] * window[n];
-    }
-  }
-}
 
 // The forward's two elementwise loops over a block, each compiled at three instruction-set
 // levels (csrc/include/vcfast/cpu_isa.h).
@@ -248,15 +235,9 @@ at::Tensor log_spectrogram_backward_cpu(const at::Tensor& grad_in, const at::Ten
                                        frames.options().dtype(c10::toComplexType(wave.scalar_type())));
       at::Tensor grad_block = at::empty({max_frames_per_range * n_bins}, wave.options());
       for (int64_t task = task_begin; task < task_end; ++task) {
-        const int64_t b = task / ranges_per_row;
-        const int64_t range_index = task % ranges_per_row;
-        const int64_t range_begin = range_index * kFramesPerBlock * hop;
-        const int64_t range_end = range_index == ranges_per_row - 1
-                                      ? samples
-                                      : (range_index + 1) * kFramesPerBlock * hop;
-        // First frame that reaches into the range: f*hop + n_fft > range_begin.
-        const int64_t f_first = range_begin < n_fft ? 0 : (range_begin - n_fft) / hop + 1;
-        const int64_t f_last = std::min(n_frames - 1, (range_end - 1) / hop);
+        const OutputRange range = output_range(task, ranges_per_row, kFramesPerBlock, hop, n_fft,
+                                               samples, n_frames);
+        const int64_t b = range.b, f_first = range.f_first, f_last = range.f_last;
         if (f_last < f_first) continue;
         const int64_t count = f_last - f_first + 1;
         const T* wave_row = wave_ptr + b * samples;
@@ -295,16 +276,7 @@ at::Tensor log_spectrogram_backward_cpu(const at::Tensor& grad_in, const at::Ten
         const at::Tensor frame_grad = at::fft_irfft(spec_grad.narrow(0, 0, count), n_fft, -1);
         const T* fg = frame_grad.data_ptr<T>();
         T* gw_row = grad_wave_ptr + b * samples;
-        for (int64_t j = 0; j < count; ++j) {
-          const int64_t start = (f_first + j) * hop;
-          const int64_t n_begin = std::max<int64_t>(0, range_begin - start);
-          const int64_t n_end = std::min<int64_t>(n_fft, range_end - start);
-          const T* src = fg + j * n_fft;
-          T* dst = gw_row + start;
-          for (int64_t n = n_begin; n < n_end; ++n) {
-            dst[n] += src[n] * window_ptr[n];
-          }
-        }
+        overlap_add_windowed(fg, count, range, hop, n_fft, window_ptr, gw_row);
       }
     });
   });
