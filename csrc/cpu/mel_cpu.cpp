@@ -293,6 +293,31 @@ void power_dispatch(double power, F&& body) {
   }
 }
 
+// The forward of one block, shared by the forward and the backward (which recomputes it):
+// `count` windowed frames from frame f0 of one waveform -> rfft -> |X|^power (into pw) ->
+// mel energies (into mel's first `count` rows). Returns the block's spectrum.
+template <typename T>
+at::Tensor block_mel(const T* wave_row, const T* window, int64_t f0, int64_t count,
+                     int64_t n_fft, int64_t hop, int64_t n_freqs, int64_t n_mels, double power,
+                     bool banded, const MelBands<T>& bands, const at::Tensor& filterbank,
+                     at::Tensor& frames, at::Tensor& pw, at::Tensor& mel) {
+  window_frames(wave_row, window, f0, count, n_fft, hop, frames.data_ptr<T>());
+  at::Tensor spectrum = at::fft_rfft(frames.narrow(0, 0, count), n_fft, -1);
+  const T* spec = reinterpret_cast<const T*>(spectrum.data_ptr<c10::complex<T>>());
+  power_dispatch(power, [&](auto power_c) {
+    constexpr int kPower = decltype(power_c)::value;
+    mel_power<T, kPower>(spec, count * n_freqs, T(power), pw.data_ptr<T>());
+  });
+  if (banded) {
+    mel_banded_mm<T>(pw.data_ptr<T>(), count, n_freqs, n_mels, bands.lo.data(), bands.hi.data(),
+                     bands.offset.data(), bands.weights.data(), mel.data_ptr<T>());
+  } else {
+    at::Tensor mel_block = mel.narrow(0, 0, count);
+    at::mm_out(mel_block, pw.narrow(0, 0, count), filterbank);
+  }
+  return spectrum;
+}
+
 }  // namespace
 
 at::Tensor log_mel_spectrogram_cpu(const at::Tensor& wave_in, const at::Tensor& window_in,
@@ -327,22 +352,9 @@ at::Tensor log_mel_spectrogram_cpu(const at::Tensor& wave_in, const at::Tensor& 
         const int64_t b = task / blocks_per_row;
         const int64_t f0 = (task % blocks_per_row) * kFramesPerBlock;
         const int64_t count = std::min(kFramesPerBlock, n_frames - f0);
-        window_frames(wave_ptr + b * samples, window_ptr, f0, count, n_fft, hop,
-                      frames.data_ptr<T>());
-        const at::Tensor spectrum = at::fft_rfft(frames.narrow(0, 0, count), n_fft, -1);
-        const T* spec = reinterpret_cast<const T*>(spectrum.data_ptr<c10::complex<T>>());
-        power_dispatch(power, [&](auto power_c) {
-          constexpr int kPower = decltype(power_c)::value;
-          mel_power<T, kPower>(spec, count * n_freqs, T(power), pw.data_ptr<T>());
-        });
+        block_mel<T>(wave_ptr + b * samples, window_ptr, f0, count, n_fft, hop, n_freqs, n_mels,
+                     power, banded, bands, filterbank, frames, pw, mel);
         at::Tensor mel_block = mel.narrow(0, 0, count);
-        if (banded) {
-          mel_banded_mm<T>(pw.data_ptr<T>(), count, n_freqs, n_mels, bands.lo.data(),
-                           bands.hi.data(), bands.offset.data(), bands.weights.data(),
-                           mel.data_ptr<T>());
-        } else {
-          at::mm_out(mel_block, pw.narrow(0, 0, count), filterbank);
-        }
         // ATen's vectorised clamp and log (the log dominates the epilogue).
         mel_block.clamp_min_(log_floor).log_();
         mel_postlog<T>(mel.data_ptr<T>(), count, n_mels, n_frames, f0, T(log_multiplier),
@@ -420,22 +432,10 @@ at::Tensor log_mel_spectrogram_backward_cpu(const at::Tensor& grad_in, const at:
         std::fill(gw_row + range.begin, gw_row + range.end, T(0));
         if (f_last < f_first) continue;
         const int64_t count = f_last - f_first + 1;
-        window_frames(wave_ptr + b * samples, window_ptr, f_first, count, n_fft, hop,
-                      frames.data_ptr<T>());
-        const at::Tensor spectrum = at::fft_rfft(frames.narrow(0, 0, count), n_fft, -1);
+        const at::Tensor spectrum =
+            block_mel<T>(wave_ptr + b * samples, window_ptr, f_first, count, n_fft, hop, n_freqs,
+                         n_mels, power, banded, bands, filterbank, frames, pw, mel);
         const T* spec = reinterpret_cast<const T*>(spectrum.data_ptr<C>());
-        power_dispatch(power, [&](auto power_c) {
-          constexpr int kPower = decltype(power_c)::value;
-          mel_power<T, kPower>(spec, count * n_freqs, T(power), pw.data_ptr<T>());
-        });
-        at::Tensor mel_block = mel.narrow(0, 0, count);
-        if (banded) {
-          mel_banded_mm<T>(pw.data_ptr<T>(), count, n_freqs, n_mels, bands.lo.data(),
-                           bands.hi.data(), bands.offset.data(), bands.weights.data(),
-                           mel.data_ptr<T>());
-        } else {
-          at::mm_out(mel_block, pw.narrow(0, 0, count), filterbank);
-        }
         // This block's dL/dy as [count, n_mels], so the loops below run over contiguous rows.
         const T* grad_row = grad_ptr + b * grad_stride_b + f_first * grad_stride_f;
         T* gy_ptr = gy.data_ptr<T>();
