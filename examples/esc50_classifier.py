@@ -45,6 +45,7 @@ import torch.nn.functional as F
 
 import vcfast
 import vcfast.data
+from vcfast.train.loop import resolve_device
 
 SR, N_FFT, HOP, N_MELS = 44100, 1024, 512, 128  # the esc50_mel numbers
 CLIP = 5 * SR
@@ -189,10 +190,7 @@ def main(argv: list[str] | None = None) -> int:
     batch = args.batch if args.batch is not None else (4 if smoke else 32)
     width = args.width if args.width is not None else (4 if smoke else 64)
     crop_mels, crop_frames = (100, 32) if smoke else (100, 384)
-    device = args.device
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    dev = torch.device(device)
+    dev = resolve_device(args.device)  # "auto": CUDA when available; a clear error otherwise
     torch.manual_seed(args.seed)
     gen = torch.Generator().manual_seed(args.seed)
     log_mel, mel_path = make_log_mel(args.mel)

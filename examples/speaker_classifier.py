@@ -34,6 +34,7 @@ import torch
 import vcfast
 import vcfast.data
 from vcfast.judge import MultiHeadClassifier  # docs/training.md#judging-conversion
+from vcfast.train.loop import resolve_device
 
 
 def synthetic_batches(args, gen: torch.Generator, groups: list[int]):
@@ -74,9 +75,7 @@ def main(argv: list[str] | None = None) -> int:
     args.batch = args.batch if args.batch is not None else (4 if smoke else 8)
     args.width = args.width if args.width is not None else (4 if smoke else 64)
     args.bins, args.frames = (64, 32) if smoke else (256, 256)
-    if args.device == "auto":
-        args.device = "cuda" if torch.cuda.is_available() else "cpu"
-    dev = torch.device(args.device)
+    dev = resolve_device(args.device)  # "auto": CUDA when available; a clear error otherwise
     torch.manual_seed(args.seed)
     gen = torch.Generator().manual_seed(args.seed)
 

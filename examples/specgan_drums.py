@@ -38,6 +38,7 @@ import torch.nn as nn
 
 import vcfast
 import vcfast.data
+from vcfast.train.loop import resolve_device
 
 SAMPLES = 16384  # specgan preset: 16 384 samples at 16 kHz -> 128 bins x 128 frames
 SR = 16000
@@ -121,10 +122,7 @@ def main(argv: list[str] | None = None) -> int:
     d = args.dim if args.dim is not None else (2 if smoke else 64)
     n_critic = args.n_critic if args.n_critic is not None else (2 if smoke else 5)
     gl_iters = args.gl_iters if args.gl_iters is not None else (4 if smoke else 32)
-    device = args.device
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    dev = torch.device(device)
+    dev = resolve_device(args.device)  # "auto": CUDA when available; a clear error otherwise
     torch.manual_seed(args.seed)
     gen = torch.Generator().manual_seed(args.seed)
 

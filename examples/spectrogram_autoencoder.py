@@ -36,6 +36,7 @@ import torch.nn.functional as F
 
 import vcfast
 import vcfast.data
+from vcfast.train.loop import resolve_device
 
 FRAMES = 32
 CROP = 1024 + (FRAMES - 1) * 256  # stargan_vc framing: exactly 32 frames
@@ -102,10 +103,7 @@ def main(argv: list[str] | None = None) -> int:
     steps = args.steps if args.steps is not None else (3 if smoke else 2000)
     batch = args.batch if args.batch is not None else (2 if smoke else 16)
     width = args.width if args.width is not None else (2 if smoke else 32)
-    device = args.device
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    dev = torch.device(device)
+    dev = resolve_device(args.device)  # "auto": CUDA when available; a clear error otherwise
     torch.manual_seed(args.seed)
     gen = torch.Generator().manual_seed(args.seed)
 
