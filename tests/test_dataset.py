@@ -44,14 +44,7 @@ def write_speech(path: pathlib.Path, sr: int = 16000, channels: int = 1, seconds
     sf.write(str(path), np.stack([wave, wave], 1) if channels == 2 else wave, sr)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    # Crop maths is ~66k-element ops: with several intra-op threads on a busy shared machine
-    # each op waits on the thread pool (30x slower here). One thread, restored afterwards.
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")

@@ -21,12 +21,7 @@ from vcfast.train import TrainConfig, load_generator, train
 SIZE, WIDTH, STEPS = 64, 8, 60
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")

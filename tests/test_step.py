@@ -18,13 +18,7 @@ from vcfast.train import TrainConfig, build_models, train
 from vcfast.train import step as step_module
 from vcfast.train.step import LossWeights, Stepper, encode_batch, make_optimizer
 
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def _write_corpus(root: Path) -> Path:
