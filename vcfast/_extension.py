@@ -6,6 +6,7 @@ build was skipped or failed): the reference and Triton backends need only PyTorc
 
 from __future__ import annotations
 
+import functools
 import importlib
 import importlib.util
 import os
@@ -40,26 +41,37 @@ def elf_needed_libraries(path: str) -> list[str] | None:
     """
     try:
         with open(path, "rb") as f:
-            data = f.read()
-    except OSError:
+            return _read_needed(f)
+    except (OSError, struct.error, ValueError, UnicodeDecodeError):
         return None
-    if data[:4] != b"\x7fELF" or data[4] != 2 or data[5] != 1:  # ELFCLASS64, ELFDATA2LSB
+
+
+def _read_needed(f) -> list[str] | None:
+    # Only the headers, the dynamic table and the names are read: vcfast._C is tens of MB.
+    def read(offset: int, size: int) -> bytes:
+        f.seek(offset)
+        return f.read(size)
+
+    header = read(0, 64)
+    if header[:4] != b"\x7fELF" or header[4] != 2 or header[5] != 1:  # ELFCLASS64, LSB
         return None
-    (phoff,) = struct.unpack_from("<Q", data, 0x20)
-    phentsize, phnum = struct.unpack_from("<HH", data, 0x36)
+    (phoff,) = struct.unpack_from("<Q", header, 0x20)
+    phentsize, phnum = struct.unpack_from("<HH", header, 0x36)
+    table = read(phoff, phentsize * phnum)
     loads, dynamic = [], None
     for i in range(phnum):
         p_type, _, p_offset, p_vaddr, _, p_filesz = struct.unpack_from(
-            "<IIQQQQ", data, phoff + i * phentsize)
+            "<IIQQQQ", table, i * phentsize)
         if p_type == 1:  # PT_LOAD: maps file offsets to the addresses DT_STRTAB uses
             loads.append((p_vaddr, p_offset, p_filesz))
         elif p_type == 2:  # PT_DYNAMIC
             dynamic = (p_offset, p_filesz)
     if dynamic is None:
         return []
+    entries = read(*dynamic)
     needed, strtab = [], None
-    for off in range(dynamic[0], dynamic[0] + dynamic[1], 16):
-        tag, value = struct.unpack_from("<qQ", data, off)
+    for off in range(0, len(entries) - 15, 16):
+        tag, value = struct.unpack_from("<qQ", entries, off)
         if tag == 0:  # DT_NULL ends the table
             break
         if tag == 1:  # DT_NEEDED: an offset into the string table
@@ -69,9 +81,19 @@ def elf_needed_libraries(path: str) -> list[str] | None:
                            if vaddr <= value < vaddr + size), None)
     if strtab is None:
         return None
-    return [data[strtab + n:data.index(b"\0", strtab + n)].decode() for n in needed]
+    names = []
+    for n in needed:
+        raw = b""
+        while b"\0" not in raw:  # one 256-byte read for any real soname
+            chunk = read(strtab + n + len(raw), 256)
+            if not chunk:
+                raise ValueError("unterminated string in the ELF string table")
+            raw += chunk
+        names.append(raw.split(b"\0", 1)[0].decode())
+    return names
 
 
+@functools.cache
 def extension_cxx_runtime() -> str:
     """How vcfast._C links the C++ runtime: ``"shared"``, ``"static"`` or ``"unknown"``.
 
